@@ -1,0 +1,1 @@
+"""Readers of raw data, the canonical dataset, splits and the DataModule."""

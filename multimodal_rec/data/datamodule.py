@@ -1,0 +1,115 @@
+"""The LightningDataModule: prepares the dataset if needed, splits it, serves sequences and features."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from multimodal_rec.data.features import ItemFeatures, UserFeatures, build_item_features, build_user_features
+from multimodal_rec.data.schema import MANIFEST_FILE, CanonicalDataset, load_dataset
+from multimodal_rec.data.sequences import EvalRows, TrainWindows, collate_eval
+from multimodal_rec.data.splits import Split, build_split
+
+log = logging.getLogger(__name__)
+
+
+def _seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+
+
+class RecDataModule(pl.LightningDataModule):
+    """Training windows, validation/test rows (warm and cold-start) and item/user feature tables."""
+
+    def __init__(
+        self,
+        name: str,
+        processed_dir: str,
+        source: DictConfig | dict | None = None,
+        max_len: int = 50,
+        cold_item_fraction: float = 0.0,
+        batch_size: int = 128,
+        eval_batch_size: int = 256,
+        num_workers: int = 0,
+        seed: int = 0,
+        text_tokenizer: str = "minilm",
+        max_text_len: int = 64,
+    ):
+        super().__init__()
+        self.name = name
+        self.processed_dir = Path(processed_dir)
+        self.source = source
+        self.max_len, self.cold_item_fraction, self.seed = max_len, cold_item_fraction, seed
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.text_tokenizer, self.max_text_len = text_tokenizer, max_text_len
+        self.dataset: CanonicalDataset | None = None
+        self.split: Split | None = None
+        self.item_features: ItemFeatures | None = None
+        self.user_features: UserFeatures | None = None
+
+    def prepare_data(self) -> None:
+        """Writes the canonical dataset from `source` when the processed folder is not there yet."""
+        if (self.processed_dir / MANIFEST_FILE).is_file():
+            return
+        if self.source is None:
+            raise FileNotFoundError(f"{self.processed_dir} is not a prepared dataset and no source is configured")
+        from multimodal_rec.data.prepare import prepare
+
+        log.info("preparing %s into %s", self.name, self.processed_dir)
+        prepare(self.source, self.processed_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.split is not None:
+            return
+        self.dataset = load_dataset(self.processed_dir)
+        self.split = build_split(self.dataset, self.cold_item_fraction, self.seed)
+        self.item_features = build_item_features(self.dataset, self.text_tokenizer, self.max_text_len)
+        self.user_features = build_user_features(self.dataset)
+        self.train_set = TrainWindows(self.split, self.max_len)
+        self.eval_sets = {s: EvalRows(self.split, s, self.max_len) for s in ("val", "test", "val_cold", "test_cold")}
+        log.info(
+            "%s: %d users, %d items (%d cold), %d training windows, %d test users (+%d on cold items)",
+            self.name, self.split.n_users, self.split.n_items, len(self.split.cold_items),
+            len(self.train_set), len(self.eval_sets["test"]), len(self.eval_sets["test_cold"]),
+        )
+
+    @property
+    def fingerprint(self) -> str:
+        """Data + split: what a checkpoint or a feature cache must match."""
+        assert self.dataset is not None, "call setup() first"
+        return f"{self.dataset.fingerprint}-cold{self.cold_item_fraction}-seed{self.seed}"
+
+    def _loader(self, dataset, batch_size: int, shuffle: bool, collate=None) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            generator=torch.Generator().manual_seed(self.seed),
+            worker_init_fn=_seed_worker,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, shuffle=True)
+
+    def eval_dataloader(self, stage: str) -> DataLoader:
+        return self._loader(self.eval_sets[stage], self.eval_batch_size, shuffle=False, collate=collate_eval)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("val")
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """Warm test users first; the cold-start test set second when there is one."""
+        return [self.eval_dataloader(s) for s in self.test_stages()]
+
+    def test_stages(self) -> list[str]:
+        return ["test"] + (["test_cold"] if len(self.eval_sets["test_cold"]) else [])
+

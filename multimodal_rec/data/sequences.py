@@ -1,0 +1,100 @@
+"""Torch datasets over a `Split`: training windows and per-user evaluation rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from multimodal_rec.data.splits import Split
+
+IGNORE_TARGET = -100
+SECONDS_PER_HOUR = 3600
+
+
+def hour_of_day(timestamps: np.ndarray) -> np.ndarray:
+    """The context feature: hour of day (UTC) of an event, 0..23."""
+    return (np.asarray(timestamps, dtype=np.int64) // SECONDS_PER_HOUR) % 24
+
+
+def _left_pad(values: np.ndarray, length: int, fill: int) -> np.ndarray:
+    out = np.full(length, fill, dtype=np.int64)
+    if len(values):
+        out[length - len(values) :] = values[-length:]
+    return out
+
+
+class TrainWindows(Dataset):
+    """Each user's training sequence cut into windows of `max_len` next-item targets.
+
+    A sample predicts every item of the window from the items before it (teacher forcing), so
+    each training interaction but the first of a user is a target exactly once per epoch.
+    """
+
+    def __init__(self, split: Split, max_len: int):
+        self.max_len = max_len
+        self.pad = split.n_items
+        mask = split.train_mask
+        user_of = np.repeat(np.arange(split.n_users), split.lengths())
+        self.user_items = {}
+        self.user_times = {}
+        windows = []
+        for user in np.unique(user_of[mask]):
+            lo, hi = split.offsets[user], split.offsets[user + 1]
+            keep = mask[lo:hi]
+            items, times = split.items[lo:hi][keep], split.timestamps[lo:hi][keep]
+            if len(items) < 2:
+                continue
+            self.user_items[user], self.user_times[user] = items, times
+            for end in range(len(items), 1, -max_len):  # targets are items[start:end]
+                windows.append((user, max(end - max_len, 1), end))
+        self.windows = np.asarray(windows, dtype=np.int64).reshape(-1, 3)
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, index: int) -> dict:
+        user, start, end = (int(v) for v in self.windows[index])
+        items, times = self.user_items[user], self.user_times[user]
+        history = _left_pad(items[start - 1 : end - 1], self.max_len, self.pad)  # (L,)
+        targets = _left_pad(items[start:end], self.max_len, IGNORE_TARGET)  # (L,)
+        hours = _left_pad(hour_of_day(times[start:end]), self.max_len, 0)  # (L,)
+        return {
+            "user": torch.tensor(user),
+            "history": torch.from_numpy(history),
+            "targets": torch.from_numpy(targets),
+            "context_hour": torch.from_numpy(hours),
+        }
+
+
+class EvalRows(Dataset):
+    """One row per user with a target in `stage`: the history before it and the items to exclude."""
+
+    def __init__(self, split: Split, stage: str, max_len: int):
+        self.split, self.stage, self.max_len = split, stage, max_len
+        self.users, positions = split.target_positions(stage)
+        self.targets = split.items[positions]
+        self.hours = hour_of_day(split.timestamps[positions])
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def __getitem__(self, index: int) -> dict:
+        user = int(self.users[index])
+        history = self.split.history(user, self.stage, self.max_len)
+        return {
+            "user": torch.tensor(user),
+            "history": torch.from_numpy(_left_pad(history, self.max_len, self.split.n_items)),
+            "target": torch.tensor(int(self.targets[index])),
+            "context_hour": torch.tensor(int(self.hours[index])),
+            "seen": torch.from_numpy(self.split.seen(user, self.stage)),
+        }
+
+
+def collate_eval(rows: list[dict]) -> dict:
+    """Stacks rows; the ragged `seen` lists become (row, item) pairs to exclude from ranking."""
+    batch = {key: torch.stack([row[key] for row in rows]) for key in rows[0] if key != "seen"}
+    seen = [row["seen"] for row in rows]
+    batch["exclude_rows"] = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor([len(s) for s in seen]))
+    batch["exclude_cols"] = torch.cat(seen) if seen else torch.empty(0, dtype=torch.long)
+    return batch

@@ -1,0 +1,194 @@
+"""Reader of MovieLens-100k (official files), optionally with posters and IMDb plot lines.
+
+Bad input is counted and reported, never fatal unless a required file is missing: a malformed
+line is dropped (file:line recorded), an interaction with an unknown user or item is dropped, a
+duplicate (user, item) rating keeps its first occurrence, a corrupt or unreadable poster leaves
+the item without an image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm.auto import tqdm
+
+from multimodal_rec.data.schema import DataIssues, DatasetError, RawDataset, sha256_file
+
+N_GENRE_FLAGS = 19
+YEAR_IN_TITLE = re.compile(r"\((\d{4})\)\s*$")
+
+
+def _lines(path: Path, encoding: str):
+    with open(path, encoding=encoding, errors="replace") as handle:
+        for number, line in enumerate(handle, start=1):
+            line = line.rstrip("\r\n")
+            if line.strip():
+                yield number, line
+
+
+def _read_genres(path: Path) -> list[str]:
+    names = {}
+    for _, line in _lines(path, "latin-1"):
+        name, _, index = line.partition("|")
+        names[int(index)] = name
+    return [names[i] for i in sorted(names)]
+
+
+def _read_items(path: Path, genre_names: list[str], issues: DataIssues) -> pd.DataFrame:
+    rows = []
+    for number, line in _lines(path, "latin-1"):
+        fields = line.split("|")
+        flags = fields[5:]
+        if len(fields) != 5 + N_GENRE_FLAGS or not fields[0].isdigit() or not all(f in "01" for f in flags):
+            issues.add("malformed_line", f"{path.name}:{number}")
+            continue
+        title = fields[1].strip()
+        year_match = YEAR_IN_TITLE.search(title)
+        release = fields[2].strip()
+        year = float(year_match.group(1)) if year_match else float(release[-4:]) if release[-4:].isdigit() else np.nan
+        genres = [genre_names[i] for i, flag in enumerate(flags) if flag == "1"]
+        rows.append((int(fields[0]), title, genres, year))
+    items = pd.DataFrame(rows, columns=["item_id", "title", "genres", "year"])
+    dup = items["item_id"].duplicated()
+    for item_id in items.loc[dup, "item_id"]:
+        issues.add("duplicate_item", f"{path.name}: item {item_id}")
+    return items[~dup].reset_index(drop=True)
+
+
+def _read_users(path: Path, issues: DataIssues) -> pd.DataFrame:
+    rows = []
+    for number, line in _lines(path, "latin-1"):
+        fields = line.split("|")
+        if len(fields) != 5 or not fields[0].isdigit() or not fields[1].isdigit():
+            issues.add("malformed_line", f"{path.name}:{number}")
+            continue
+        rows.append((int(fields[0]), int(fields[1]), fields[2], fields[3]))
+    users = pd.DataFrame(rows, columns=["user_id", "age", "gender", "occupation"])
+    dup = users["user_id"].duplicated()
+    for user_id in users.loc[dup, "user_id"]:
+        issues.add("duplicate_user", f"{path.name}: user {user_id}")
+    return users[~dup].reset_index(drop=True)
+
+
+def _read_ratings(path: Path, items: set, users: set, issues: DataIssues) -> pd.DataFrame:
+    user_col, item_col, value_col, time_col = [], [], [], []
+    seen = set()
+    for number, line in tqdm(_lines(path, "latin-1"), desc=f"reading {path.name}", unit=" lines", mininterval=1):
+        fields = line.split("\t")
+        if len(fields) != 4 or not all(f.strip().lstrip("-").isdigit() for f in fields):
+            issues.add("malformed_line", f"{path.name}:{number}: {line[:60]!r}")
+            continue
+        user, item, rating, stamp = (int(f) for f in fields)
+        if user not in users or item not in items:
+            issues.add("unknown_id", f"{path.name}:{number}: user {user} item {item}")
+            continue
+        if (user, item) in seen:
+            issues.add("duplicate_interaction", f"{path.name}:{number}: user {user} item {item}")
+            continue
+        seen.add((user, item))
+        user_col.append(user)
+        item_col.append(item)
+        value_col.append(rating)
+        time_col.append(stamp)
+    return pd.DataFrame(
+        {
+            "user_id": np.asarray(user_col, dtype=np.int64),
+            "item_id": np.asarray(item_col, dtype=np.int64),
+            "timestamp": np.asarray(time_col, dtype=np.int64),
+            "value": np.asarray(value_col, dtype=np.float32),
+            "event": "rating",
+        }
+    )
+
+
+def _read_plots(path: Path, issues: DataIssues) -> dict[int, str]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            records = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise DatasetError(f"cannot read plot lines from {path}: {error}") from error
+    plots = {}
+    for number, record in enumerate(records):
+        text = record.get("description") if isinstance(record, dict) else None
+        movie_id = record.get("movie_id") if isinstance(record, dict) else None
+        if not isinstance(movie_id, int) or not isinstance(text, str) or not text.strip():
+            issues.add("malformed_record", f"{path.name}: record {number}")
+            continue
+        plots[movie_id] = text.strip()
+    return plots
+
+
+def _valid_posters(folder: Path, item_ids, issues: DataIssues) -> tuple[dict, str]:
+    """Posters that decode; returns item_id -> path and a checksum over the folder's files."""
+    found = {}
+    digest = hashlib.sha256()
+    for item_id in tqdm(item_ids, desc="checking posters", unit=" items", mininterval=1):
+        path = folder / f"{item_id}.jpg"
+        if not path.is_file():
+            continue
+        digest.update(f"{path.name}:{sha256_file(path)}".encode())
+        try:
+            with Image.open(path) as image:
+                image.load()
+                if image.width < 8 or image.height < 8:
+                    raise OSError(f"image too small ({image.width}x{image.height})")
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            issues.add("corrupt_image", f"{path.name}: {str(error)[:80]}")
+            continue
+        found[item_id] = path
+    return found, digest.hexdigest()
+
+
+def _item_text(title: str, genres: list[str], plot: str | None) -> str:
+    text = f"{title}. Genres: {', '.join(genres) if genres else 'unknown'}."
+    return f"{text} {plot}" if plot else text
+
+
+def read_movielens(
+    root: str, posters: str | None = None, details: str | None = None, name: str = "ml100k"
+) -> RawDataset:
+    """Reads `root` (u.data, u.item, u.user, u.genre) and, when given, posters and plot lines."""
+    root_path = Path(root)
+    required = [root_path / f for f in ("u.data", "u.item", "u.user", "u.genre")]
+    if posters:
+        required.append(Path(posters))
+    if details:
+        required.append(Path(details))
+    missing = [str(p) for p in required if not p.exists()]
+    if missing:
+        raise DatasetError(f"{name}: required input not found: {', '.join(missing)}")
+
+    issues = DataIssues()
+    genre_names = _read_genres(root_path / "u.genre")
+    items = _read_items(root_path / "u.item", genre_names, issues)
+    users = _read_users(root_path / "u.user", issues)
+    interactions = _read_ratings(root_path / "u.data", set(items["item_id"]), set(users["user_id"]), issues)
+    inputs = {f"ml-100k/{p.name}": sha256_file(p) for p in required[:4]}
+
+    plots: dict[int, str] = {}
+    if details:
+        plots = _read_plots(Path(details), issues)
+        inputs[Path(details).name] = sha256_file(details)
+    image_files: dict = {}
+    if posters:
+        image_files, inputs["posters/"] = _valid_posters(Path(posters), items["item_id"].tolist(), issues)
+
+    items["plot"] = items["item_id"].map(plots)
+    items["text"] = [_item_text(t, g, p) for t, g, p in zip(items["title"], items["genres"], items["plot"])]
+    items["image"] = None
+    items = items.drop(columns="plot")
+    attributes = {
+        "item_categorical": [],
+        "item_multi": ["genres"],
+        "item_numeric": ["year"],
+        "user_categorical": ["gender", "occupation"],
+        "user_numeric": ["age"],
+    }
+    extra = {"items_with_plot": len(set(plots) & set(items["item_id"]))}
+    return RawDataset(name, items, users, interactions, attributes, inputs, issues, image_files, extra)

@@ -1,0 +1,37 @@
+"""Shared fixtures: the real data (skipped where ../shared is absent) and tiny generated data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from multimodal_rec.config import PROJECT_ROOT
+
+SHARED_DATA = Path(os.environ.get("MMREC_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
+ML100K_MM = SHARED_DATA / "ml100k-mm"
+
+
+@pytest.fixture(scope="session")
+def ml100k_mm_raw() -> Path:
+    if not (ML100K_MM / "ml-100k" / "u.data").is_file():
+        pytest.skip(f"real data not found at {ML100K_MM} (set MMREC_SHARED_DATA to its parent folder)")
+    return ML100K_MM
+
+
+@pytest.fixture(scope="session")
+def ml100k_mm_dir(ml100k_mm_raw, tmp_path_factory) -> Path:
+    """The real dataset prepared once per test session."""
+    from multimodal_rec.data.schema import write_dataset
+    from multimodal_rec.data.sources.movielens import read_movielens
+
+    out = tmp_path_factory.mktemp("data") / "ml100k_mm"
+    raw = read_movielens(
+        ml100k_mm_raw / "ml-100k",
+        posters=ml100k_mm_raw / "posters",
+        details=ml100k_mm_raw / "movielens100k_details.json",
+        name="ml100k_mm",
+    )
+    write_dataset(raw, out)
+    return out
