@@ -90,10 +90,14 @@ class Split:
         return hist[-max_len:] if max_len else hist
 
     def seen(self, user: int, stage: str) -> np.ndarray:
-        """Every item the user interacted with before the stage's target: excluded from ranking."""
+        """Items the user interacted with before the stage's target: excluded from ranking. A repeat
+        purchase of the target itself stays rankable (the protocol never excludes the target)."""
         seq = self.sequence(user)
         back = 1 if stage.startswith("test") else 2
-        return np.unique(seq[: max(len(seq) - back, 0)])
+        earlier = np.unique(seq[: max(len(seq) - back, 0)])
+        if len(seq) >= back:
+            earlier = earlier[earlier != seq[len(seq) - back]]
+        return earlier
 
     def train_interactions(self) -> pd.DataFrame:
         """The training split as a table (user, item, timestamp), cold items removed."""

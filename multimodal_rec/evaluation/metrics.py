@@ -1,0 +1,182 @@
+"""Offline evaluation metrics for leave-one-out, full-ranking recommendation.
+
+Protocol: every user has one held-out target item. All catalogue items are scored; the user's earlier
+items are excluded from the candidates (the target itself is never excluded). With the target's 0-based
+rank r among the remaining candidates:
+
+* HR@K = [r < K];  NDCG@K = 1 / log2(r + 2) if r < K;  MRR@K = 1 / (r + 1) if r < K (else 0);
+* coverage@K = fraction of the catalogue appearing in at least one user's top-K list (after exclusion);
+
+all averaged over users. Ties are pessimistic: r = number of non-excluded other items whose score is
+>= the target's, so a constant scorer gets the worst rank. NaN scores of other items count as -inf; a
+NaN target score is an error. Top-K lists break ties by lower item index (deterministic coverage).
+Results do not depend on how users are batched: ranks are accumulated as an integer histogram.
+
+For click-style predictions of the ranking network: :func:`auc` (Mann-Whitney, ties count 1/2),
+:func:`log_loss` (probabilities) and :func:`log_loss_with_logits`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .ranking import (
+    _ranks,
+    check_exclusions,
+    check_scores,
+    check_target_scores,
+    check_targets,
+    chunked_ranks_topk,
+    target_ranks,
+    topk_masks,
+)
+
+__all__ = ["DEFAULT_KS", "RankingEvaluator", "auc", "evaluate_scores", "log_loss",
+           "log_loss_with_logits", "target_ranks"]
+
+DEFAULT_KS: tuple[int, ...] = (10, 20)
+
+
+class RankingEvaluator:
+    """Accumulates HR/NDCG/MRR/coverage@K over batches of users; `compute()` returns the averages."""
+
+    def __init__(self, n_items: int, ks: Sequence[int] = DEFAULT_KS) -> None:
+        if int(n_items) < 1:
+            raise ValueError(f"n_items must be >= 1, got {n_items}")
+        ks = tuple(sorted({int(k) for k in ks}))
+        if not ks or ks[0] < 1:
+            raise ValueError(f"ks must be a non-empty sequence of positive ints, got {ks}")
+        self.n_items = int(n_items)
+        self.ks = ks
+        self.kmax = ks[-1]
+        self.reset()
+
+    def reset(self) -> None:
+        self.n_users = 0
+        self.rank_counts = torch.zeros(self.kmax, dtype=torch.long)  # (Kmax,) users with rank r < Kmax
+        self.covered = {k: torch.zeros(self.n_items, dtype=torch.bool) for k in self.ks}  # (N,) per K
+
+    def _add_ranks(self, ranks: Tensor) -> None:
+        ranks = ranks.cpu()
+        self.rank_counts += torch.bincount(ranks[ranks < self.kmax], minlength=self.kmax)
+        self.n_users += int(ranks.numel())
+
+    def update(self, scores: Tensor, targets: Tensor, exclude_rows: Tensor | None = None,
+               exclude_cols: Tensor | None = None) -> None:
+        """scores (B, N) over all items, targets (B,), exclusions as (E,) (row, item) pairs."""
+        targets = check_scores(scores, targets)
+        if scores.shape[1] != self.n_items:
+            raise ValueError(f"scores has {scores.shape[1]} items, evaluator expects {self.n_items} "
+                             f"(scores shape {tuple(scores.shape)})")
+        pairs = check_exclusions(exclude_rows, exclude_cols, targets, self.n_items)
+        if scores.shape[0] == 0:
+            return
+        ranks = _ranks(scores, targets, pairs)  # (B,)
+        masks = topk_masks(scores, pairs, self.ks)
+        self._add_ranks(ranks)
+        for k, mask in masks.items():
+            self.covered[k] |= mask.any(dim=0).cpu()
+
+    def update_chunked(self, score_chunk: Callable[[int, int], Tensor], target_scores: Tensor,
+                       targets: Tensor, exclude_rows: Tensor | None = None,
+                       exclude_cols: Tensor | None = None, chunk_size: int = 65536) -> None:
+        """Like `update`, but scores come from `score_chunk(start, end) -> (B, end - start)`.
+
+        target_scores (B,) must be the targets' scores (as `score_chunk` would give them). Memory is
+        bounded by B * (chunk_size + max(K)); the result equals `update` on the concatenated scores.
+        """
+        target_scores = torch.as_tensor(target_scores)
+        if target_scores.dim() != 1:
+            raise ValueError(f"target_scores must be 1-D (B,), got shape {tuple(target_scores.shape)}")
+        targets = check_targets(targets, target_scores.shape[0], self.n_items).to(target_scores.device)
+        pairs = check_exclusions(exclude_rows, exclude_cols, targets, self.n_items)
+        if targets.numel() == 0:
+            return
+        check_target_scores(target_scores)
+        ranks, top_idx, top_valid = chunked_ranks_topk(score_chunk, target_scores, targets, pairs,
+                                                       self.n_items, self.kmax, chunk_size)
+        self._add_ranks(ranks)
+        for k in self.ks:
+            items = top_idx[:, :k][top_valid[:, :k]].cpu()
+            self.covered[k][items] = True
+
+    def compute(self) -> dict[str, float]:
+        """Averages over all users seen; with no users, rate metrics are NaN and coverage is 0."""
+        out: dict[str, float] = {}
+        n = self.n_users
+        counts = self.rank_counts.double()  # (Kmax,)
+        r = torch.arange(self.kmax, dtype=torch.float64)
+        for k in self.ks:
+            c = counts[:k]
+            out[f"hr@{k}"] = float(c.sum()) / n if n else math.nan
+            out[f"ndcg@{k}"] = float((c / torch.log2(r[:k] + 2)).sum()) / n if n else math.nan
+            out[f"mrr@{k}"] = float((c / (r[:k] + 1)).sum()) / n if n else math.nan
+            out[f"coverage@{k}"] = float(self.covered[k].sum()) / self.n_items
+        out["n_users"] = float(n)
+        return out
+
+
+def evaluate_scores(scores: Tensor, targets: Tensor, exclude_rows: Tensor | None = None,
+                    exclude_cols: Tensor | None = None, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+    """One-shot: metrics for (B, N) scores of B users over all N items."""
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be 2-D (B, N), got shape {tuple(scores.shape)}")
+    evaluator = RankingEvaluator(scores.shape[1], ks)
+    evaluator.update(scores, targets, exclude_rows, exclude_cols)
+    return evaluator.compute()
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, Tensor):
+        return x.detach().to("cpu", torch.float64).numpy().ravel()
+    return np.asarray(x, dtype=np.float64).ravel()
+
+
+def _pairs(labels: Any, values: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
+    y, v = _to_numpy(labels), _to_numpy(values)
+    if y.shape != v.shape:
+        raise ValueError(f"labels and {name} must have the same number of elements, "
+                         f"got {y.shape} and {v.shape}")
+    if y.size == 0:
+        raise ValueError("labels are empty")
+    if np.isnan(v).any():
+        raise ValueError(f"{name} contain {int(np.isnan(v).sum())} NaN value(s)")
+    if np.isnan(y).any() or (y < 0).any() or (y > 1).any():
+        raise ValueError("labels must lie in [0, 1]")
+    return y, v
+
+
+def auc(labels: Any, scores: Any) -> float:
+    """ROC AUC of binary labels vs scores (probabilities or logits); tied scores count 1/2."""
+    y, s = _pairs(labels, scores, "scores")
+    if not np.isin(y, (0.0, 1.0)).all():
+        raise ValueError("auc needs binary 0/1 labels")
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"auc is undefined with a single class ({n_pos} positives, {n_neg} negatives)")
+    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    avg_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based mid-ranks of each distinct score
+    rank_sum = float(avg_rank[inverse.ravel()][y == 1].sum())
+    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+
+
+def log_loss(labels: Any, probabilities: Any, eps: float = 1e-7) -> float:
+    """Mean binary cross-entropy; probabilities are clipped to [eps, 1 - eps]."""
+    y, p = _pairs(labels, probabilities, "probabilities")
+    if (p < 0).any() or (p > 1).any():
+        raise ValueError("probabilities must lie in [0, 1] (use log_loss_with_logits for logits)")
+    p = np.clip(p, eps, 1.0 - eps)
+    return float(-(y * np.log(p) + (1.0 - y) * np.log1p(-p)).mean())
+
+
+def log_loss_with_logits(labels: Any, logits: Any) -> float:
+    """Mean binary cross-entropy from logits, computed stably (softplus form)."""
+    y, z = _pairs(labels, logits, "logits")
+    return float((np.maximum(z, 0.0) - y * z + np.log1p(np.exp(-np.abs(z)))).mean())
