@@ -40,6 +40,7 @@ class RecDataModule(pl.LightningDataModule):
         seed: int = 0,
         text_tokenizer: str = "minilm",
         max_text_len: int = 64,
+        image_size: int = 224,
     ):
         super().__init__()
         self.name = name
@@ -47,7 +48,7 @@ class RecDataModule(pl.LightningDataModule):
         self.source = source
         self.max_len, self.cold_item_fraction, self.seed = max_len, cold_item_fraction, seed
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
-        self.text_tokenizer, self.max_text_len = text_tokenizer, max_text_len
+        self.text_tokenizer, self.max_text_len, self.image_size = text_tokenizer, max_text_len, image_size
         self.dataset: CanonicalDataset | None = None
         self.split: Split | None = None
         self.item_features: ItemFeatures | None = None

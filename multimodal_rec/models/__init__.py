@@ -1,0 +1,1 @@
+"""LightningModules built from the plain components in `multimodal_rec.models.components`."""

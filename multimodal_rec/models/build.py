@@ -1,0 +1,20 @@
+"""Model construction from config + data (the sizes of a model depend on the dataset)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from multimodal_rec.data.datamodule import RecDataModule
+from multimodal_rec.models.components.item_tower import MODALITIES
+from multimodal_rec.models.encoders_setup import build_bundle
+from multimodal_rec.models.recommender import MultimodalRecommender
+
+
+def build_model(datamodule: RecDataModule, recommender: Callable, modalities=MODALITIES,
+                image_encoder: Callable | None = None, text_encoder: Callable | None = None,
+                cache_dir: str | None = None) -> MultimodalRecommender:
+    """`recommender` is a partial MultimodalRecommender (Hydra `_partial_: true`) lacking its data bundle."""
+    bundle = build_bundle(datamodule, tuple(modalities), image_encoder, text_encoder, cache_dir)
+    model = recommender(bundle=bundle)
+    model.stage_names["test"] = datamodule.test_stages()
+    return model

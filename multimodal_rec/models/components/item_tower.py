@@ -1,0 +1,78 @@
+"""Item tower: any subset of {ID, image, text, attributes} -> one d-dim item vector.
+
+Works for items never seen in training: their ID part is the learned "unknown" vector, so the vector
+comes from content alone (item cold start). Missing modalities get their own learned vectors.
+Reference: Wei et al., "MMGCN" (MM 2019) / He & McAuley, "VBPR" (AAAI 2016) for content-based item
+representations; ID dropout as in Volkovs et al., "DropoutNet", NeurIPS 2017.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from multimodal_rec.models.components.attributes import AttributeEncoder
+from multimodal_rec.models.components.fusion import ConcatFusion, GatedFusion
+
+MODALITIES = ("id", "image", "text", "attributes")
+
+
+def _projection(in_dim: int, dim: int, dropout: float) -> nn.Module:
+    return nn.Sequential(nn.LayerNorm(in_dim), nn.Dropout(dropout), nn.Linear(in_dim, dim))
+
+
+class ItemTower(nn.Module):
+    def __init__(self, dim: int, n_items: int, image_dim: int = 0, text_dim: int = 0,
+                 categorical_sizes: tuple = (), n_multi: int = 0, n_numeric: int = 0,
+                 modalities: tuple = MODALITIES, id_dropout: float = 0.2, fusion: str = "gated",
+                 dropout: float = 0.1, image_encoder: nn.Module | None = None, text_encoder: nn.Module | None = None):
+        super().__init__()
+        unknown = sorted(set(modalities) - set(MODALITIES))
+        if unknown or not modalities:
+            raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {modalities}")
+        self.modalities = tuple(m for m in MODALITIES if m in modalities)
+        self.dim, self.id_dropout = dim, id_dropout
+        if "id" in self.modalities:
+            self.id_embedding = nn.Embedding(n_items + 1, dim)
+            nn.init.normal_(self.id_embedding.weight, std=0.02)
+            self.unknown_id = nn.Parameter(torch.zeros(dim))
+        if "image" in self.modalities:
+            self.image_encoder = image_encoder
+            self.image_proj = _projection(image_encoder.out_dim if image_encoder else image_dim, dim, dropout)
+            self.missing_image = nn.Parameter(torch.zeros(dim))
+        if "text" in self.modalities:
+            self.text_encoder = text_encoder
+            self.text_proj = _projection(text_encoder.out_dim if text_encoder else text_dim, dim, dropout)
+            self.missing_text = nn.Parameter(torch.zeros(dim))
+        if "attributes" in self.modalities:
+            self.attributes = AttributeEncoder(dim, list(categorical_sizes), n_multi, n_numeric)
+        fusion_cls = {"gated": GatedFusion, "concat": ConcatFusion}[fusion]
+        self.fusion = fusion_cls(dim, len(self.modalities), dropout=dropout)
+
+    @staticmethod
+    def _fill(vectors: torch.Tensor, present: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+        return torch.where(present.unsqueeze(-1), vectors, fallback.to(vectors.dtype))
+
+    def forward(self, inputs: dict) -> torch.Tensor:
+        """inputs: "item" (B,), "known" (B,) bool, then per modality the features ("image" (B, F) or
+        "pixels" (B, 3, H, W) with an image encoder; "text" (B, F) or "text_ids"/"text_mask"), "has_image",
+        "has_text", and "categorical", "multi_hot", "numeric", "numeric_missing"."""
+        parts = []
+        if "id" in self.modalities:
+            known = inputs["known"]
+            if self.training and self.id_dropout > 0:
+                known = known & (torch.rand(known.shape, device=known.device) >= self.id_dropout)
+            parts.append(self._fill(self.id_embedding(inputs["item"]), known, self.unknown_id))
+        if "image" in self.modalities:
+            features = self.image_encoder(inputs["pixels"]) if self.image_encoder else inputs["image"]
+            parts.append(self._fill(self.image_proj(features.float()), inputs["has_image"], self.missing_image))
+        if "text" in self.modalities:
+            if self.text_encoder:
+                features = self.text_encoder(inputs["text_ids"], inputs["text_mask"])
+            else:
+                features = inputs["text"]
+            parts.append(self._fill(self.text_proj(features.float()), inputs["has_text"], self.missing_text))
+        if "attributes" in self.modalities:
+            parts.append(self.attributes(inputs["categorical"], inputs.get("multi_hot"), inputs.get("numeric"),
+                                         inputs.get("numeric_missing")))
+        return self.fusion(torch.stack(parts, dim=-2))  # (B, d)

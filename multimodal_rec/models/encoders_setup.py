@@ -1,0 +1,85 @@
+"""Builds what the model needs from the data: encoders (frozen ones replaced by cached features),
+item/user input tables, the sizes of their vocabularies and the training popularity of items."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from multimodal_rec.data.datamodule import RecDataModule
+from multimodal_rec.models import feature_cache
+from multimodal_rec.models.components.item_tower import MODALITIES
+from multimodal_rec.models.item_inputs import ItemInputs, UserInputs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EncoderBundle:
+    n_items: int
+    item_inputs: ItemInputs
+    user_inputs: UserInputs
+    image_encoder: nn.Module | None  # only when fine-tuned; frozen encoders live in the cache
+    text_encoder: nn.Module | None
+    tower_sizes: dict
+    user_sizes: dict
+    popularity: torch.Tensor  # (N,) training interaction counts
+    data_fingerprint: str = ""
+
+
+def build_bundle(datamodule: RecDataModule, modalities=MODALITIES, image_encoder: Callable | None = None,
+                 text_encoder: Callable | None = None, cache_dir: str | None = None,
+                 feature_device: str = "auto") -> EncoderBundle:
+    datamodule.prepare_data()
+    datamodule.setup()
+    unknown = sorted(set(modalities) - set(MODALITIES))
+    if unknown:
+        raise ValueError(f"unknown modalities {unknown}; choose from {MODALITIES}")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if feature_device == "auto" else feature_device
+    items, split = datamodule.item_features, datamodule.split
+    fingerprint = datamodule.dataset.fingerprint
+    image_size = datamodule.image_size
+    image = text = None
+    image_module = text_module = None
+    tower_sizes = {"modalities": tuple(modalities)}
+
+    if "image" in modalities:
+        if image_encoder is None:
+            raise ValueError("the image modality needs an image_encoder config")
+        encoder = image_encoder()
+        if encoder.trainable:
+            image_module = encoder
+        else:
+            key = feature_cache.cache_key("image", encoder, fingerprint, size=image_size)
+            image, hit = feature_cache.cached(
+                cache_dir, key, lambda: feature_cache.image_features(encoder, items, image_size, device=device))
+            log.info("image features %s (%s)", "from cache" if hit else "computed", key)
+            tower_sizes["image_dim"] = image["features"].shape[1]
+    if "text" in modalities:
+        if text_encoder is None:
+            raise ValueError("the text modality needs a text_encoder config")
+        encoder = text_encoder()
+        if encoder.trainable:
+            text_module = encoder
+        else:
+            key = feature_cache.cache_key("text", encoder, fingerprint, max_len=items.text_ids.shape[1])
+            text, hit = feature_cache.cached(cache_dir, key, lambda: feature_cache.text_features(encoder, items,
+                                                                                                  device=device))
+            log.info("text features %s (%s)", "from cache" if hit else "computed", key)
+            tower_sizes["text_dim"] = text["features"].shape[1]
+
+    train = split.train_interactions()
+    popularity = torch.from_numpy(np.bincount(train["item"].to_numpy(), minlength=split.n_items))
+    item_inputs = ItemInputs(items, known=popularity > 0, image=image, text=text, image_size=image_size,
+                             raw_images=image_module is not None, raw_text=text_module is not None)
+    tower_sizes.update(categorical_sizes=tuple(items.categorical_sizes), n_multi=items.multi_hot.shape[1],
+                       n_numeric=items.numeric.shape[1])
+    users = datamodule.user_features
+    user_sizes = {"user_categorical_sizes": tuple(users.categorical_sizes), "n_user_numeric": users.numeric.shape[1]}
+    return EncoderBundle(split.n_items, item_inputs, UserInputs(users), image_module, text_module, tower_sizes,
+                         user_sizes, popularity, datamodule.fingerprint)

@@ -1,0 +1,76 @@
+"""Per-item inputs of the item tower, held as (non-persistent) buffers and gathered by item index."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from multimodal_rec.data.features import ItemFeatures, UserFeatures
+from multimodal_rec.data.images import ItemImages
+
+
+class ItemInputs(nn.Module):
+    """Feature tables (N+1 rows, padding last). Image/text enter either as frozen features or as raw
+    pixels/token ids when their encoder is fine-tuned. Buffers are not saved in checkpoints: they are
+    rebuilt from the data, which the checkpoint names by fingerprint."""
+
+    def __init__(self, items: ItemFeatures, known: torch.Tensor, image: dict | None = None,
+                 text: dict | None = None, image_size: int = 224, raw_images: bool = False,
+                 raw_text: bool = False):
+        super().__init__()
+        self.n_items = items.n_items
+
+        def buffer(name: str, value: torch.Tensor) -> None:
+            self.register_buffer(name, value, persistent=False)
+
+        buffer("known", torch.cat([known, torch.zeros(1, dtype=torch.bool)]))  # (N+1,)
+        buffer("categorical", items.categorical)
+        buffer("multi_hot", items.multi_hot)
+        buffer("numeric", items.numeric)
+        buffer("numeric_missing", items.numeric_missing)
+        buffer("has_text", items.has_text)
+        has_image = items.has_image.clone()
+        if image is not None:
+            has_image &= image["ok"]
+        buffer("has_image", has_image)
+        self.raw_images, self.raw_text = raw_images, raw_text
+        if image is not None and not raw_images:
+            buffer("image", image["features"])
+        if raw_images:
+            buffer("pixels", _load_all_pixels(items, image_size, has_image))
+        if text is not None and not raw_text:
+            buffer("text", text["features"])
+        if raw_text:
+            buffer("text_ids", items.text_ids)
+            buffer("text_mask", items.text_mask)
+
+    def forward(self, index: torch.Tensor) -> dict:
+        """index (B,) item indices (n_items = padding) -> the tower's inputs for those items."""
+        out = {"item": index}
+        for name, _ in self.named_buffers():
+            out[name] = getattr(self, name)[index]
+        if self.raw_text:  # trim to the longest text in the batch
+            length = max(int(out["text_mask"].sum(1).max()), 1)
+            out["text_ids"], out["text_mask"] = out["text_ids"][:, :length], out["text_mask"][:, :length]
+        return out
+
+
+def _load_all_pixels(items: ItemFeatures, size: int, has_image: torch.Tensor) -> torch.Tensor:
+    """(N+1, 3, S, S) uint8 of every image, for fine-tuning the CNN on catalogues that fit in memory."""
+    pixels = torch.zeros(len(items.image_refs), 3, size, size, dtype=torch.uint8)
+    images = ItemImages(items.image_refs, items.root, size)
+    for position in range(len(images)):
+        row = images[position]
+        pixels[row["index"]] = row["pixels"]
+        has_image[row["index"]] &= row["ok"]
+    return pixels
+
+
+class UserInputs(nn.Module):
+    def __init__(self, users: UserFeatures):
+        super().__init__()
+        self.register_buffer("categorical", users.categorical, persistent=False)
+        self.register_buffer("numeric", users.numeric, persistent=False)
+
+    def forward(self, user: torch.Tensor) -> dict:
+        return {"categorical": self.categorical[user], "numeric": self.numeric[user]}

@@ -1,0 +1,200 @@
+"""The multimodal recommender: item tower + query tower (retrieval) and a ranking network on top.
+
+Retrieval is trained with a sampled softmax over in-batch targets and uniform random negatives with
+a log-Q correction; the ranker with a listwise softmax over the top retrieved candidates of that
+pool. Evaluation is full ranking over all items (DESIGN.md): retrieval scores every item, the
+ranker re-orders the top `rerank_top` (seen items excluded first).
+Reference: Yi et al., "Sampling-Bias-Corrected Neural Modeling for Large Corpus Item Recommendations",
+RecSys 2019 (log-Q correction); Covington et al., RecSys 2016 (retrieval + ranking).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from multimodal_rec.data.sequences import IGNORE_TARGET
+from multimodal_rec.evaluation.metrics import RankingEvaluator
+from multimodal_rec.models.encoders_setup import EncoderBundle
+
+RERANK_OFFSET = 1e4  # puts re-ranked candidates above every retrieval-only score
+
+
+class MultimodalRecommender(pl.LightningModule):
+    def __init__(self, bundle: EncoderBundle, item_tower: Callable, history_encoder: Callable,
+                 ranker: Callable | None, optimizer: Callable, scheduler: Callable | None = None,
+                 dim: int = 64, num_negatives: int = 256, temperature: float = 0.07, logq: bool = True,
+                 rerank_top: int = 50, ranker_weight: float = 1.0, ranker_positions: int = 512,
+                 encoder_lr_scale: float = 0.1,
+                 ks: tuple = (10, 20)):
+        super().__init__()
+        self.save_hyperparameters(ignore=["bundle", "item_tower", "history_encoder", "ranker", "optimizer",
+                                          "scheduler"])
+        self.n_items, self.pad = bundle.n_items, bundle.n_items
+        self.items, self.users = bundle.item_inputs, bundle.user_inputs
+        self.item_tower = item_tower(dim=dim, n_items=bundle.n_items, image_encoder=bundle.image_encoder,
+                                     text_encoder=bundle.text_encoder, **bundle.tower_sizes)
+        self.history_encoder = history_encoder(dim=dim, **bundle.user_sizes)
+        self.ranker = ranker(dim=dim) if ranker is not None else None
+        self.register_buffer("log_popularity", torch.log(bundle.popularity.float().clamp_min(1.0)), persistent=False)
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.ks = tuple(ks)
+        self.data_fingerprint = bundle.data_fingerprint
+        self.run_config: dict = {}  # set by the training entry point; saved into checkpoints
+        self.stage_names = {"val": ["val"], "test": ["test"]}
+        self.evaluators: dict[str, RankingEvaluator] = {}
+        self._all_items: torch.Tensor | None = None
+
+    # ---- towers ---------------------------------------------------------------------------------------
+    def item_vectors(self, index: torch.Tensor) -> torch.Tensor:
+        """index (B,) -> L2-normalised item vectors (B, d)."""
+        return F.normalize(self.item_tower(self.items(index)), dim=-1)
+
+    def all_item_vectors(self, chunk: int = 4096) -> torch.Tensor:
+        """(N, d) vectors of the whole catalogue (cold items from content)."""
+        index = torch.arange(self.n_items, device=self.device)
+        return torch.cat([self.item_vectors(index[i:i + chunk]) for i in range(0, self.n_items, chunk)])
+
+    def queries(self, history: torch.Tensor, user: torch.Tensor | None, context_hour: torch.Tensor,
+                profile: dict | None = None, item_vectors: torch.Tensor | None = None) -> torch.Tensor:
+        """history (B, L) -> L2-normalised queries at every position (B, L, d)."""
+        mask = history != self.pad
+        if item_vectors is None:
+            vectors = self.item_vectors(history.flatten()).view(*history.shape, -1)
+        else:
+            padded = torch.cat([item_vectors, item_vectors.new_zeros(1, item_vectors.shape[1])])
+            vectors = padded[history]
+        profile = profile if profile is not None else self.users(user)
+        return F.normalize(self.history_encoder(vectors, mask, profile, context_hour), dim=-1)
+
+    # ---- training -------------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        history, targets = batch["history"], batch["targets"]  # (B, L) each
+        valid = targets != IGNORE_TARGET
+        positives = targets[valid]  # (P,)
+        negatives = torch.randint(0, self.n_items, (self.hparams.num_negatives,), device=self.device)
+        pool, inverse = torch.unique(torch.cat([history.flatten(), positives, negatives]), return_inverse=True)
+        pool_vectors = self.item_vectors(pool)  # (U, d)
+        n_hist = history.numel()
+        vectors = pool_vectors[inverse[:n_hist]].view(*history.shape, -1)
+        queries = F.normalize(self.history_encoder(vectors, history != self.pad, self.users(batch["user"]),
+                                                   batch["context_hour"]), dim=-1)[valid]  # (P, d)
+        candidates, labels = torch.unique(torch.cat([positives, negatives]), return_inverse=True)
+        labels = labels[: len(positives)]
+        cand_vectors = pool_vectors[torch.searchsorted(pool, candidates)]  # (C, d)
+        similarity = queries @ cand_vectors.T  # (P, C) cosine
+        logits = similarity / self.hparams.temperature
+        if self.hparams.logq:
+            expected = len(positives) * torch.exp(self.log_popularity[candidates] - self.log_popularity.logsumexp(0))
+            logits = logits - torch.log(expected + self.hparams.num_negatives / self.n_items)
+        retrieval_loss = F.cross_entropy(logits, labels)
+        loss = retrieval_loss
+        self.log("train/retrieval_loss", retrieval_loss, prog_bar=True, batch_size=len(positives))
+        if self.ranker is not None:
+            ranker_loss = self._ranker_loss(queries.detach(), cand_vectors.detach(), similarity.detach(), labels)
+            loss = loss + self.hparams.ranker_weight * ranker_loss
+            self.log("train/ranker_loss", ranker_loss, batch_size=len(positives))
+        self.log("train/loss", loss, batch_size=len(positives))
+        return loss
+
+    def _ranker_loss(self, queries, cand_vectors, similarity, labels) -> torch.Tensor:
+        """Listwise softmax over the top retrieved candidates of the pool, the positive always among them."""
+        if len(labels) > self.hparams.ranker_positions:  # a sample of positions keeps the step cheap
+            keep = torch.randperm(len(labels), device=labels.device)[: self.hparams.ranker_positions]
+            queries, similarity, labels = queries[keep], similarity[keep], labels[keep]
+        top = min(self.hparams.rerank_top, similarity.shape[1])
+        hard = similarity.scatter(1, labels[:, None], float("-inf")).topk(top - 1, dim=1).indices  # (P, M-1)
+        chosen = torch.cat([labels[:, None], hard], dim=1)  # (P, M), the positive first
+        scores = self.ranker(queries, cand_vectors[chosen], similarity.gather(1, chosen))
+        return F.cross_entropy(scores / self.hparams.temperature, torch.zeros_like(labels))
+
+    # ---- evaluation -----------------------------------------------------------------------------------
+    def score_batch(self, batch: dict, item_vectors: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Full-catalogue scores (B, N): "retrieval" alone and "ranked" (top candidates re-ranked)."""
+        query = self.queries(batch["history"], batch["user"], batch["context_hour"], batch.get("profile"),
+                             item_vectors)[:, -1]  # (B, d)
+        retrieval = query @ item_vectors.T  # (B, N) cosine
+        out = {"retrieval": retrieval}
+        if self.ranker is not None:
+            masked = retrieval.clone()
+            if "exclude_rows" in batch:
+                masked[batch["exclude_rows"], batch["exclude_cols"]] = float("-inf")
+            top = masked.topk(min(self.hparams.rerank_top, self.n_items), dim=1).indices  # (B, M)
+            reranked = self.ranker(query, item_vectors[top], retrieval.gather(1, top))
+            out["ranked"] = retrieval.scatter(1, top, reranked + RERANK_OFFSET)
+        return out
+
+    def _start_eval(self, stages: list[str]) -> None:
+        self._all_items = self.all_item_vectors()
+        self.evaluators = {f"{stage}{suffix}": RankingEvaluator(self.n_items, self.ks)
+                           for stage in stages for suffix in ("", "/retrieval")}
+
+    def _eval_step(self, batch: dict, stage: str) -> None:
+        scores = self.score_batch(batch, self._all_items)
+        final = scores.get("ranked", scores["retrieval"])
+        args = (batch["target"], batch["exclude_rows"], batch["exclude_cols"])
+        self.evaluators[stage].update(final, *args)
+        self.evaluators[f"{stage}/retrieval"].update(scores["retrieval"], *args)
+
+    def _end_eval(self) -> dict[str, float]:
+        logged = {}
+        for name, evaluator in self.evaluators.items():
+            if evaluator.compute()["n_users"] == 0:
+                continue
+            stage, _, variant = name.partition("/")
+            for metric, value in evaluator.compute().items():
+                if metric != "n_users":
+                    logged[f"{stage}/{variant + '_' if variant else ''}{metric}"] = value
+        headline = {k: v for k, v in logged.items() if k.endswith("/ndcg@10")}
+        self.log_dict(headline, prog_bar=True)
+        self.log_dict({k: v for k, v in logged.items() if k not in headline})
+        self._all_items = None
+        return logged
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_eval(["val"])
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_eval()
+
+    def on_test_epoch_start(self) -> None:
+        self._start_eval(self.stage_names["test"])
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, self.stage_names["test"][dataloader_idx])
+
+    def on_test_epoch_end(self) -> None:
+        self.test_metrics = self._end_eval()
+
+    # ---- self-describing checkpoints -----------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["multimodal_rec"] = {
+            "config": self.run_config, "data_fingerprint": self.data_fingerprint, "n_items": self.n_items,
+            "dim": self.hparams.dim, "metric": "cosine", "normalised": True,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("multimodal_rec", {}).get("data_fingerprint")
+        if saved is not None and saved != self.data_fingerprint:
+            raise ValueError(f"checkpoint was trained on data {saved}, but the data now is {self.data_fingerprint}; "
+                             "use the same data and split settings (cold_item_fraction, seed) to resume")
+
+    # ---- optimisation ---------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        encoders = [p for n, p in self.named_parameters() if p.requires_grad and "_encoder.net." in n]
+        encoder_ids = {id(p) for p in encoders}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in encoder_ids]
+        groups = [{"params": rest}]
+        if encoders:
+            base_lr = self.optimizer_factory.keywords.get("lr", 1e-3)
+            groups.append({"params": encoders, "lr": base_lr * self.hparams.encoder_lr_scale})
+        optimizer = self.optimizer_factory(params=groups)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer)}}

@@ -1,0 +1,54 @@
+"""The training run behind train.py: data -> model -> fit -> test on the best checkpoint -> metrics.json."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def write_json_atomic(path: str | Path, payload: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(handle, "w") as out:
+        json.dump(payload, out, indent=2)
+    os.replace(tmp, path)
+
+
+def train(cfg: DictConfig) -> dict:
+    """Fits the configured model; returns (and writes to `<run dir>/metrics.json`) its metrics."""
+    started = time.time()
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    model = hydra.utils.instantiate(cfg.model)(datamodule=datamodule)
+    model.run_config = OmegaConf.to_container(cfg, resolve=True)
+    callbacks = [hydra.utils.instantiate(c) for c in cfg.get("callbacks", {}).values()]
+    loggers = [hydra.utils.instantiate(c) for c in cfg.get("logger", {}).values()]
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if cfg.get("test"):
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
+        metrics.update(model.test_metrics)
+    result = {
+        "metrics": metrics,
+        "best_checkpoint": best,
+        "epochs": trainer.current_epoch,
+        "seconds": round(time.time() - started, 1),
+        "data": datamodule.name,
+        "data_fingerprint": datamodule.fingerprint,
+    }
+    write_json_atomic(Path(cfg.paths.output_dir) / "metrics.json", result)
+    log.info("metrics: %s", json.dumps(metrics, indent=1))
+    return result

@@ -1,0 +1,23 @@
+"""Train the multimodal recommender.
+
+    python train.py                          # the synthetic shop, CPU or CUDA
+    python train.py experiment=ml100k_mm     # MovieLens-100k with posters and plot lines
+    python train.py trainer=gpu              # CUDA, bf16 mixed precision
+    python train.py ckpt_path=<run>/checkpoints/last.ckpt   # resume an interrupted run
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from multimodal_rec.config import CONF_DIR
+from multimodal_rec.training import train
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    result = train(cfg)
+    return result["metrics"].get(cfg.get("optimized_metric"))  # for sweeps
+
+
+if __name__ == "__main__":
+    main()
