@@ -35,3 +35,22 @@ def ml100k_mm_dir(ml100k_mm_raw, tmp_path_factory) -> Path:
     )
     write_dataset(raw, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_shop_dir(tmp_path_factory) -> Path:
+    """A small generated shop (300 items, 150 users), prepared once per test session."""
+    from multimodal_rec.data.schema import write_dataset
+    from multimodal_rec.data.sources.synthetic import read_synthetic
+
+    out = tmp_path_factory.mktemp("data") / "tiny_shop"
+    write_dataset(read_synthetic(n_items=300, n_users=150, seed=1), out)
+    return out
+
+
+def tiny_datamodule(root: Path, **overrides):
+    from multimodal_rec.data.datamodule import RecDataModule
+
+    settings = {"max_len": 10, "cold_item_fraction": 0.1, "batch_size": 32, "eval_batch_size": 64,
+                "image_size": 32, **overrides}
+    return RecDataModule("tiny_shop", str(root), **settings)

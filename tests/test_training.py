@@ -1,0 +1,96 @@
+"""train.py end to end (fast_dev_run, resume), self-describing checkpoints, the frozen-feature cache."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from multimodal_rec.config import PROJECT_ROOT
+from multimodal_rec.models import feature_cache
+from multimodal_rec.models.encoders_setup import build_bundle
+from tests.conftest import tiny_datamodule
+
+
+def run_train(tmp_path: Path, run: str, *overrides: str) -> dict:
+    run_dir = tmp_path / run
+    command = [sys.executable, str(PROJECT_ROOT / "train.py"), "debug=fast", f"hydra.run.dir={run_dir}",
+               f"data.processed_dir={tmp_path / 'data'}", f"paths.cache_dir={tmp_path / 'cache'}", *overrides]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_fast_dev_run(tmp_path):
+    result = run_train(tmp_path, "fast")
+    metrics = result["metrics"]
+    for key in ("val/ndcg@10", "test/ndcg@10", "test/hr@20", "test/coverage@10", "test_cold/ndcg@10"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert (tmp_path / "data" / "manifest.json").is_file()  # prepared on first use
+
+
+@pytest.mark.slow
+def test_resume_continues_where_it_stopped(tmp_path):
+    common = ["trainer.fast_dev_run=false", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+              "test=false"]
+    first = run_train(tmp_path, "first", *common, "trainer.max_epochs=2")
+    assert first["epochs"] == 2
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    described = checkpoint["multimodal_rec"]
+    assert described["data_fingerprint"] == first["data_fingerprint"] and described["dim"] == 64
+    assert described["config"]["data"]["name"] == "synthetic_tiny"
+    assert checkpoint["epoch"] == 1 and checkpoint["global_step"] == 4
+    second = run_train(tmp_path, "second", *common, "trainer.max_epochs=3", f"ckpt_path={last}")
+    assert second["epochs"] == 3
+    resumed = torch.load(tmp_path / "second" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert resumed["global_step"] == 6  # two more batches, not a restart from zero
+
+
+def test_resume_refuses_other_data(tmp_path):
+    common = ["trainer.fast_dev_run=false", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
+              "test=false", "trainer.max_epochs=1"]
+    run_train(tmp_path, "first", *common)
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    run_dir = tmp_path / "other"
+    command = [sys.executable, str(PROJECT_ROOT / "train.py"), "debug=fast", f"hydra.run.dir={run_dir}",
+               f"data.processed_dir={tmp_path / 'data2'}", "data.source.seed=7", *common,
+               "trainer.max_epochs=2", f"ckpt_path={last}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "trained on data" in done.stderr
+
+
+def _tiny_encoders():
+    from multimodal_rec.models.components.image_encoder import ImageEncoder
+    from multimodal_rec.models.components.text_encoder import TextEncoder
+
+    torch.manual_seed(0)
+    image = ImageEncoder("tiny", pretrained=False)
+    text = TextEncoder(pretrained=False, tiny_hidden=32)
+    return (lambda: image), (lambda: text)
+
+
+def test_frozen_features_are_cached_and_invalidated(tiny_shop_dir, tmp_path, monkeypatch):
+    calls = []
+    real = feature_cache.image_features
+    monkeypatch.setattr(feature_cache, "image_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    image, text = _tiny_encoders()
+    cache = tmp_path / "cache"
+    first = build_bundle(tiny_datamodule(tiny_shop_dir), image_encoder=image, text_encoder=text, cache_dir=cache)
+    second = build_bundle(tiny_datamodule(tiny_shop_dir), image_encoder=image, text_encoder=text, cache_dir=cache)
+    assert len(calls) == 1  # the second build read the cache
+    torch.testing.assert_close(first.item_inputs.image, second.item_inputs.image)
+    assert len(list((cache / "features").glob("*.pt"))) == 2  # image + text
+
+    from multimodal_rec.data.schema import write_dataset
+    from multimodal_rec.data.sources.synthetic import read_synthetic
+
+    changed = tmp_path / "changed_shop"
+    write_dataset(read_synthetic(n_items=300, n_users=150, seed=2), changed)
+    build_bundle(tiny_datamodule(changed), image_encoder=image, text_encoder=text, cache_dir=cache)
+    assert len(calls) == 2  # other data: recomputed, not reused
+    assert len(list((cache / "features").glob("*.pt"))) == 4
