@@ -6,6 +6,7 @@ tables carry one extra all-missing row at index `n_items`, the padding index of 
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,7 +93,26 @@ def _pad_row(table: torch.Tensor) -> torch.Tensor:
     return torch.cat([table, torch.zeros((1, *table.shape[1:]), dtype=table.dtype)])
 
 
+HASH_VOCAB = 30522  # the BERT/MiniLM vocabulary size, so hashed ids fit the same embedding table
+CLS_ID, SEP_ID = 101, 102
+
+
+def hash_tokenize(texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Words -> stable hashed ids (no vocabulary file): for random-initialised encoders and huge catalogues."""
+    ids = torch.zeros(len(texts), max_len, dtype=torch.long)
+    mask = torch.zeros(len(texts), max_len, dtype=torch.long)
+    for row, text in enumerate(texts):
+        words = [CLS_ID] + [1000 + zlib.crc32(w.encode()) % (HASH_VOCAB - 1000) for w in text.lower().split()]
+        words = words[: max_len - 1] + [SEP_ID]
+        ids[row, : len(words)] = torch.tensor(words)
+        mask[row, : len(words)] = 1
+    return ids, mask
+
+
 def tokenize(texts: list[str], tokenizer_path: str, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """tokenizer_path: "minilm", a local HF tokenizer folder, or "hash" (see `hash_tokenize`)."""
+    if tokenizer_path == "hash":
+        return hash_tokenize(texts, max_len)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_tokenizer_path(tokenizer_path))

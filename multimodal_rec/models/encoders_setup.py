@@ -6,15 +6,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
-from multimodal_rec.data.datamodule import RecDataModule
 from multimodal_rec.models import feature_cache
 from multimodal_rec.models.components.item_tower import MODALITIES
 from multimodal_rec.models.item_inputs import ItemInputs, UserInputs
+
+if TYPE_CHECKING:
+    from multimodal_rec.data.datamodule import RecDataModule
 
 log = logging.getLogger(__name__)
 

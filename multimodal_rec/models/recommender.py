@@ -11,6 +11,7 @@ RecSys 2019 (log-Q correction); Covington et al., RecSys 2016 (retrieval + ranki
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import pytorch_lightning as pl
 import torch
@@ -18,7 +19,9 @@ import torch.nn.functional as F
 
 from multimodal_rec.data.sequences import IGNORE_TARGET
 from multimodal_rec.evaluation.metrics import RankingEvaluator
-from multimodal_rec.models.encoders_setup import EncoderBundle
+
+if TYPE_CHECKING:
+    from multimodal_rec.models.encoders_setup import EncoderBundle
 
 RERANK_OFFSET = 1e4  # puts re-ranked candidates above every retrieval-only score
 
@@ -40,6 +43,9 @@ class MultimodalRecommender(pl.LightningModule):
         self.history_encoder = history_encoder(dim=dim, **bundle.user_sizes)
         self.ranker = ranker(dim=dim) if ranker is not None else None
         self.register_buffer("log_popularity", torch.log(bundle.popularity.float().clamp_min(1.0)), persistent=False)
+        # negatives come only from items seen in training: held-out (cold) items must not be in training at
+        # all, or the model learns to push exactly them down
+        self.register_buffer("negative_pool", torch.nonzero(bundle.popularity > 0).squeeze(1), persistent=False)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.ks = tuple(ks)
         self.data_fingerprint = bundle.data_fingerprint
@@ -75,7 +81,8 @@ class MultimodalRecommender(pl.LightningModule):
         history, targets = batch["history"], batch["targets"]  # (B, L) each
         valid = targets != IGNORE_TARGET
         positives = targets[valid]  # (P,)
-        negatives = torch.randint(0, self.n_items, (self.hparams.num_negatives,), device=self.device)
+        draws = torch.randint(0, len(self.negative_pool), (self.hparams.num_negatives,), device=self.device)
+        negatives = self.negative_pool[draws]
         pool, inverse = torch.unique(torch.cat([history.flatten(), positives, negatives]), return_inverse=True)
         pool_vectors = self.item_vectors(pool)  # (U, d)
         n_hist = history.numel()
@@ -86,30 +93,45 @@ class MultimodalRecommender(pl.LightningModule):
         labels = labels[: len(positives)]
         cand_vectors = pool_vectors[torch.searchsorted(pool, candidates)]  # (C, d)
         similarity = queries @ cand_vectors.T  # (P, C) cosine
+        correction = self._log_inclusion(candidates, len(positives)) if self.hparams.logq else None
         logits = similarity / self.hparams.temperature
-        if self.hparams.logq:
-            expected = len(positives) * torch.exp(self.log_popularity[candidates] - self.log_popularity.logsumexp(0))
-            logits = logits - torch.log(expected + self.hparams.num_negatives / self.n_items)
-        retrieval_loss = F.cross_entropy(logits, labels)
+        retrieval_loss = F.cross_entropy(logits if correction is None else logits - correction, labels)
         loss = retrieval_loss
         self.log("train/retrieval_loss", retrieval_loss, prog_bar=True, batch_size=len(positives))
         if self.ranker is not None:
-            ranker_loss = self._ranker_loss(queries.detach(), cand_vectors.detach(), similarity.detach(), labels)
+            ranker_loss = self._ranker_loss(queries.detach(), cand_vectors.detach(), similarity.detach(), labels,
+                                            correction)
             loss = loss + self.hparams.ranker_weight * ranker_loss
             self.log("train/ranker_loss", ranker_loss, batch_size=len(positives))
         self.log("train/loss", loss, batch_size=len(positives))
         return loss
 
-    def _ranker_loss(self, queries, cand_vectors, similarity, labels) -> torch.Tensor:
-        """Listwise softmax over the top retrieved candidates of the pool, the positive always among them."""
-        if len(labels) > self.hparams.ranker_positions:  # a sample of positions keeps the step cheap
-            keep = torch.randperm(len(labels), device=labels.device)[: self.hparams.ranker_positions]
-            queries, similarity, labels = queries[keep], similarity[keep], labels[keep]
+    def _log_inclusion(self, candidates: torch.Tensor, n_positives: int) -> torch.Tensor:
+        """log P(candidate is in the de-duplicated pool): in-batch targets are drawn by popularity, so
+        without this correction popular items are pushed down as negatives (log-Q correction)."""
+        share = torch.exp(self.log_popularity[candidates] - self.log_popularity.logsumexp(0))
+        expected = n_positives * share + self.hparams.num_negatives / len(self.negative_pool)
+        return torch.log(-torch.expm1(-expected))  # 1 - (1 - p)^n ~ 1 - exp(-expected)
+
+    def _ranker_loss(self, queries, cand_vectors, similarity, labels, correction=None) -> torch.Tensor:
+        """Listwise softmax over the top-M retrieved candidates of the pool, on the positions whose positive
+        retrieval did find: the ranker sees what it sees when serving (forcing a missed positive into the
+        list would teach it that a low retrieval score means relevant)."""
         top = min(self.hparams.rerank_top, similarity.shape[1])
-        hard = similarity.scatter(1, labels[:, None], float("-inf")).topk(top - 1, dim=1).indices  # (P, M-1)
-        chosen = torch.cat([labels[:, None], hard], dim=1)  # (P, M), the positive first
-        scores = self.ranker(queries, cand_vectors[chosen], similarity.gather(1, chosen))
-        return F.cross_entropy(scores / self.hparams.temperature, torch.zeros_like(labels))
+        chosen = similarity.topk(top, dim=1).indices  # (P, M)
+        hit = chosen == labels[:, None]  # (P, M)
+        found = hit.any(1)
+        if not found.any():
+            return similarity.sum() * 0.0
+        keep = torch.nonzero(found).squeeze(1)
+        if len(keep) > self.hparams.ranker_positions:  # a sample of positions keeps the step cheap
+            keep = keep[torch.randperm(len(keep), device=keep.device)[: self.hparams.ranker_positions]]
+        chosen, target = chosen[keep], hit[keep].float().argmax(1)
+        scores = self.ranker(queries[keep], cand_vectors[chosen], similarity[keep].gather(1, chosen))
+        scores = scores / self.hparams.temperature
+        if correction is not None:
+            scores = scores - correction[chosen]
+        return F.cross_entropy(scores, target)
 
     # ---- evaluation -----------------------------------------------------------------------------------
     def score_batch(self, batch: dict, item_vectors: torch.Tensor) -> dict[str, torch.Tensor]:

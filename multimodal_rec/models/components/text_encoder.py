@@ -10,6 +10,10 @@ from torch import nn
 
 from multimodal_rec.data.features import resolve_tokenizer_path
 
+# all-MiniLM-L6-v2's architecture, to build it randomly initialised without its files
+MINILM_L6 = {"vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
+             "intermediate_size": 1536, "max_position_embeddings": 512, "hidden_act": "gelu"}
+
 
 class TextEncoder(nn.Module):
     """model: "minilm" (pretrained all-MiniLM-L6-v2 from PyPI) or a local HF folder. With
@@ -19,13 +23,12 @@ class TextEncoder(nn.Module):
     def __init__(self, model: str = "minilm", pretrained: bool = True, trainable_layers: int = 0,
                  tiny_hidden: int | None = None, tiny_layers: int = 2):
         super().__init__()
-        from transformers import AutoConfig, AutoModel
+        from transformers import AutoConfig, AutoModel, BertConfig
 
-        path = resolve_tokenizer_path(model)
         if pretrained:
-            self.net = AutoModel.from_pretrained(path)
+            self.net = AutoModel.from_pretrained(resolve_tokenizer_path(model))
         else:
-            config = AutoConfig.from_pretrained(path)
+            config = BertConfig(**MINILM_L6) if model == "minilm" else AutoConfig.from_pretrained(model)
             if tiny_hidden:
                 config.update({"hidden_size": tiny_hidden, "num_hidden_layers": tiny_layers,
                                "num_attention_heads": 2, "intermediate_size": tiny_hidden * 2})
