@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 def prepare(source: DictConfig, out: str | Path) -> dict:
     """Runs the reader named by `source` and writes the dataset to `out` (atomically)."""
-    raw = hydra.utils.instantiate(source)
+    read = hydra.utils.instantiate(source, _partial_=True)  # called here, so its errors reach us unwrapped
+    raw = read()
     if raw.issues.counts:
         log.warning("%s: %s", raw.source, raw.issues.report())
     manifest = write_dataset(raw, out)
@@ -34,7 +35,7 @@ def main(cfg: DictConfig) -> None:
     try:
         manifest = prepare(cfg.data.source, cfg.out)
     except DatasetError as error:
-        log.error("%s", error)
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     print(f"prepared {cfg.data.name} -> {cfg.out}: {manifest['counts']}")
     if manifest["issues"]["counts"]:

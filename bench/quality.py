@@ -1,0 +1,114 @@
+"""Quality benchmark: every baseline and the multimodal model on one dataset, in one run, one protocol.
+
+Each model runs in its own child process, so training time and peak memory are its own. Prints one
+table for the warm test users and one for the cold-start items, and writes both as JSON.
+
+    python bench/quality.py                                   # ml100k_mm (needs ../shared/data)
+    python bench/quality.py --models popularity item_knn sasrec multimodal
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import COLUMNS, machine, markdown_table, train_config, write_json
+
+MODELS = ("popularity", "user_knn", "item_knn", "bpr_mf", "content", "dnn", "sasrec", "multimodal")
+STAGES = ("test", "test_cold")
+
+
+def run_baseline(name: str, base: list[str], out: Path) -> dict:
+    import hydra
+    from omegaconf import OmegaConf
+
+    from multimodal_rec.config import CONF_DIR
+    from multimodal_rec.models.encoders_setup import build_bundle
+
+    cfg = train_config(out, base)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup()
+    item_vectors = None
+    if name == "content":  # the frozen (cached) text and image features of the multimodal model
+        from multimodal_rec.baselines.content import item_vectors_from_features
+
+        encoders = {k: hydra.utils.instantiate(cfg.model[k]) for k in ("image_encoder", "text_encoder")}
+        items = build_bundle(datamodule, ("image", "text"), cache_dir=cfg.model.cache_dir, **encoders).item_inputs
+        import torch
+        import torch.nn.functional as F
+
+        item_vectors = torch.cat([  # text, image and attributes, each L2-normalised (missing image: zeros)
+            F.normalize(items.text[:-1].float(), dim=1),
+            F.normalize(items.image[:-1].float(), dim=1) * items.has_image[:-1, None],
+            F.normalize(item_vectors_from_features(datamodule.item_features), dim=1),
+        ], dim=1)
+    baseline = hydra.utils.instantiate(OmegaConf.load(CONF_DIR / "baseline" / f"{name}.yaml"))
+    started = time.time()
+    baseline.fit(datamodule.split, item_vectors)
+    seconds = time.time() - started
+    metrics = {}
+    for stage in STAGES:
+        if len(datamodule.eval_sets[stage]):
+            values = baseline.evaluate(datamodule.split, stage, max_len=datamodule.max_len)
+            metrics.update({f"{stage}/{k}": v for k, v in values.items()})
+    return {"metrics": metrics, "seconds": round(seconds, 1)}
+
+
+def run_multimodal(base: list[str], out: Path, extra: list[str]) -> dict:
+    from multimodal_rec.training import train
+
+    result = train(train_config(out, [*base, *extra]))
+    return {"metrics": result["metrics"], "seconds": result["seconds"], "epochs": result["epochs"]}
+
+
+def child(name: str, base: list[str], out: Path, extra: list[str]) -> None:
+    result = run_multimodal(base, out, extra) if name == "multimodal" else run_baseline(name, base, out)
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="ml100k_mm", help="experiment ml100k_mm, or a data config name")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--out", default=Path("logs/bench/quality"), type=Path)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for the multimodal model")
+    args = parser.parse_args()
+    if args.data == "ml100k_mm":
+        base = ["experiment=ml100k_mm"]
+    else:
+        base = [f"data={args.data}", "data.cold_item_fraction=0.1"]
+    if args.child:
+        child(args.child, base, args.out / args.child, args.overrides)
+        return
+    rows = {stage: [] for stage in STAGES}
+    for name in args.models:
+        command = [sys.executable, __file__, "--data", args.data, "--out", str(args.out), "--child", name,
+                   *args.overrides]
+        done = subprocess.run(command, capture_output=True, text=True)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if done.returncode != 0 or not lines:
+            print(f"{name}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+            continue
+        result = json.loads(lines[-1][len("RESULT "):])
+        for stage in STAGES:
+            row = {"model": name, "train s": result["seconds"], "peak MiB": round(result["peak_rss_mib"])}
+            row.update({c: result["metrics"].get(f"{stage}/{c}", float("nan")) for c in COLUMNS})
+            rows[stage].append(row)
+        print(f"{name}: test ndcg@10 {rows['test'][-1]['ndcg@10']:.4f} ({result['seconds']} s)", flush=True)
+    print(f"\nQuality on {args.data}: test split, full ranking, all users ({machine()})\n")
+    print(markdown_table(rows["test"], (*COLUMNS, "train s", "peak MiB")))
+    print("\nCold-start items (held out of training):\n")
+    print(markdown_table(rows["test_cold"], COLUMNS))
+    write_json(args.out / "quality.json", rows)
+
+
+if __name__ == "__main__":
+    main()
