@@ -33,6 +33,24 @@ def markdown_table(rows: list[dict], columns: tuple, first: str = "model") -> st
     return "\n".join(lines)
 
 
+def data_overrides(data: str) -> list[str]:
+    """`ml100k_mm` means its experiment (10% cold items); any other name is a data config with 10% cold."""
+    return ["experiment=ml100k_mm"] if data == "ml100k_mm" else [f"data={data}", "data.cold_item_fraction=0.1"]
+
+
+def add_rows(rows: dict[str, list], name: str, metrics: dict, **extra) -> None:
+    """One table row per stage (`test`, `test_cold`) from `stage/metric` keys."""
+    for stage, table in rows.items():
+        table.append({"model": name, **extra, **{c: metrics.get(f"{stage}/{c}", float("nan")) for c in COLUMNS}})
+
+
+def print_tables(rows: dict[str, list], title: str, extra_columns: tuple) -> None:
+    print(f"\n{title} ({machine()})\n")
+    print(markdown_table(rows["test"], (*COLUMNS, *extra_columns)))
+    print("\nCold-start items (never in training), same metrics:\n")
+    print(markdown_table(rows["test_cold"], COLUMNS))
+
+
 def write_json(path: Path, payload) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2))

@@ -11,7 +11,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from common import COLUMNS, machine, markdown_table, train_config, write_json
+from common import add_rows, data_overrides, print_tables, train_config, write_json
 
 from multimodal_rec.training import train
 
@@ -30,24 +30,15 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every variant")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    if args.data == "ml100k_mm":
-        base = ["experiment=ml100k_mm"]
-    else:
-        base = [f"data={args.data}", "data.cold_item_fraction=0.1"]
+    base = data_overrides(args.data)
     rows = {"test": [], "test_cold": []}
     for name, overrides in VARIANTS.items():
         slug = name.split()[0].replace("+", "plus").lower()
         result = train_config(args.out / slug, [*base, *overrides, *args.overrides])
         outcome = train(result)
-        for stage in rows:
-            row = {"model": name, "seconds": outcome["seconds"], "epochs": outcome["epochs"]}
-            row.update({c: outcome["metrics"].get(f"{stage}/{c}", float("nan")) for c in COLUMNS})
-            rows[stage].append(row)
+        add_rows(rows, name, outcome["metrics"], epochs=outcome["epochs"], seconds=outcome["seconds"])
         print(f"{name}: done in {outcome['seconds']} s", flush=True)
-    print(f"\nModalities on {args.data}, test split, full ranking ({machine()})\n")
-    print(markdown_table(rows["test"], (*COLUMNS, "epochs", "seconds")))
-    print("\nCold-start items (never in training), same metrics:\n")
-    print(markdown_table(rows["test_cold"], COLUMNS))
+    print_tables(rows, f"Modalities on {args.data}, test split, full ranking", ("epochs", "seconds"))
     write_json(args.out / "modalities.json", rows)
 
 

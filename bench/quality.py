@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import COLUMNS, machine, markdown_table, train_config, write_json
+from common import add_rows, data_overrides, print_tables, train_config, write_json
 
 MODELS = ("popularity", "user_knn", "item_knn", "bpr_mf", "content", "dnn", "sasrec", "multimodal")
 STAGES = ("test", "test_cold")
@@ -81,10 +81,7 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for the multimodal model")
     args = parser.parse_args()
-    if args.data == "ml100k_mm":
-        base = ["experiment=ml100k_mm"]
-    else:
-        base = [f"data={args.data}", "data.cold_item_fraction=0.1"]
+    base = data_overrides(args.data)
     if args.child:
         child(args.child, base, args.out / args.child, args.overrides)
         return
@@ -98,15 +95,10 @@ def main() -> None:
             print(f"{name}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
             continue
         result = json.loads(lines[-1][len("RESULT "):])
-        for stage in STAGES:
-            row = {"model": name, "train s": result["seconds"], "peak MiB": round(result["peak_rss_mib"])}
-            row.update({c: result["metrics"].get(f"{stage}/{c}", float("nan")) for c in COLUMNS})
-            rows[stage].append(row)
+        add_rows(rows, name, result["metrics"], **{"train s": result["seconds"],
+                                                    "peak MiB": round(result["peak_rss_mib"])})
         print(f"{name}: test ndcg@10 {rows['test'][-1]['ndcg@10']:.4f} ({result['seconds']} s)", flush=True)
-    print(f"\nQuality on {args.data}: test split, full ranking, all users ({machine()})\n")
-    print(markdown_table(rows["test"], (*COLUMNS, "train s", "peak MiB")))
-    print("\nCold-start items (held out of training):\n")
-    print(markdown_table(rows["test_cold"], COLUMNS))
+    print_tables(rows, f"Quality on {args.data}: test split, full ranking, all users", ("train s", "peak MiB"))
     write_json(args.out / "quality.json", rows)
 
 

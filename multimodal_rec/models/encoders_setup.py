@@ -51,30 +51,25 @@ def build_bundle(datamodule: RecDataModule, modalities=MODALITIES, image_encoder
     image_module = text_module = None
     tower_sizes = {"modalities": tuple(modalities)}
 
+    def encode(kind: str, factory: Callable | None, compute: Callable, **settings):
+        """(frozen features or None, fine-tuned encoder or None) for one modality."""
+        if factory is None:
+            raise ValueError(f"the {kind} modality needs a {kind}_encoder config")
+        encoder = factory()
+        if encoder.trainable:
+            return None, encoder
+        key = feature_cache.cache_key(kind, encoder, fingerprint, **settings)
+        features, hit = feature_cache.cached(cache_dir, key, lambda: compute(encoder))
+        log.info("%s features %s (%s)", kind, "from cache" if hit else "computed", key)
+        tower_sizes[f"{kind}_dim"] = features["features"].shape[1]
+        return features, None
+
     if "image" in modalities:
-        if image_encoder is None:
-            raise ValueError("the image modality needs an image_encoder config")
-        encoder = image_encoder()
-        if encoder.trainable:
-            image_module = encoder
-        else:
-            key = feature_cache.cache_key("image", encoder, fingerprint, size=image_size)
-            image, hit = feature_cache.cached(
-                cache_dir, key, lambda: feature_cache.image_features(encoder, items, image_size, device=device))
-            log.info("image features %s (%s)", "from cache" if hit else "computed", key)
-            tower_sizes["image_dim"] = image["features"].shape[1]
+        image, image_module = encode("image", image_encoder, size=image_size, compute=lambda encoder: (
+            feature_cache.image_features(encoder, items, image_size, device=device)))
     if "text" in modalities:
-        if text_encoder is None:
-            raise ValueError("the text modality needs a text_encoder config")
-        encoder = text_encoder()
-        if encoder.trainable:
-            text_module = encoder
-        else:
-            key = feature_cache.cache_key("text", encoder, fingerprint, max_len=items.text_ids.shape[1])
-            text, hit = feature_cache.cached(cache_dir, key, lambda: feature_cache.text_features(encoder, items,
-                                                                                                  device=device))
-            log.info("text features %s (%s)", "from cache" if hit else "computed", key)
-            tower_sizes["text_dim"] = text["features"].shape[1]
+        text, text_module = encode("text", text_encoder, max_len=items.text_ids.shape[1], compute=lambda encoder: (
+            feature_cache.text_features(encoder, items, device=device)))
 
     train = split.train_interactions()
     popularity = torch.from_numpy(np.bincount(train["item"].to_numpy(), minlength=split.n_items))
