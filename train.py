@@ -6,16 +6,23 @@
     python train.py ckpt_path=<run>/checkpoints/last.ckpt   # resume an interrupted run
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 from multimodal_rec.config import CONF_DIR
+from multimodal_rec.data.schema import DatasetError
 from multimodal_rec.training import train
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except DatasetError as error:  # missing or unusable data: one clear line, not a traceback
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     return result["metrics"].get(cfg.get("optimized_metric"))  # for sweeps
 
 

@@ -94,3 +94,11 @@ def test_frozen_features_are_cached_and_invalidated(tiny_shop_dir, tmp_path, mon
     build_bundle(tiny_datamodule(changed), image_encoder=image, text_encoder=text, cache_dir=cache)
     assert len(calls) == 2  # other data: recomputed, not reused
     assert len(list((cache / "features").glob("*.pt"))) == 4
+
+
+def test_missing_real_data_is_one_clear_error(tmp_path):
+    command = [sys.executable, str(PROJECT_ROOT / "train.py"), "experiment=ml100k_mm", f"paths.shared_data={tmp_path}",
+               f"data.processed_dir={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'run'}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "required input not found" in done.stderr and "Traceback" not in done.stderr
