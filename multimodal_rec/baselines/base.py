@@ -8,15 +8,21 @@ training-popularity scores, so every user is ranked.
 
 from __future__ import annotations
 
+import logging
+import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from multimodal_rec.data.splits import Split
 from multimodal_rec.evaluation.protocol import evaluate
+
+log = logging.getLogger(__name__)
 
 # Added to scores of models whose scores tie a lot (neighbourhood models): popularity breaks the ties.
 TIE_BREAK = 1e-6
@@ -108,6 +114,33 @@ class Recommender(ABC):
         if max_len is None:
             max_len = self.eval_max_len or max(int(split.lengths().max()), 1)
         return evaluate(self.score, split, stage, max_len=max_len, batch_size=batch_size, progress=progress)
+
+    def run_epochs(self, split: Split, module: torch.nn.Module, run_epoch: Callable[[], float],
+                   can_validate: bool = True) -> None:
+        """Up to `self.epochs` calls of `run_epoch` (one epoch, returns its mean loss). Every `eval_every`
+        epochs and at the last, validation ndcg@10 is checked; the best state of `module` is kept and
+        training stops after `patience` checks without improvement. Fills `history` and `best_epoch`."""
+        validate = can_validate and self.eval_every > 0 and len(split.targets("val")[0]) > 0
+        stopper = EarlyStopping(self.patience)
+        start = time.perf_counter()
+        bar = tqdm(range(1, self.epochs + 1), desc=self.name, disable=not self.progress)
+        for epoch in bar:
+            record = {"epoch": epoch, "loss": run_epoch(), "seconds": time.perf_counter() - start}
+            stop = False
+            if validate and (epoch % self.eval_every == 0 or epoch == self.epochs):
+                record["val_ndcg@10"] = self.evaluate(split, "val")["ndcg@10"]
+                stop = stopper.step(record["val_ndcg@10"], module, epoch)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", val=f"{record['val_ndcg@10']:.4f}",
+                                best=stopper.best_epoch)
+                log.info("%s epoch %d loss %.4f val ndcg@10 %.4f (best %.4f @ %d) %.0fs", self.name, epoch,
+                         record["loss"], record["val_ndcg@10"], stopper.best, stopper.best_epoch, record["seconds"])
+            else:
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+            self.history.append(record)
+            if stop:
+                break
+        stopper.restore(module)
+        self.best_epoch = stopper.best_epoch
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -7,15 +7,12 @@ Implicit Feedback", UAI 2009.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from multimodal_rec.baselines.base import EarlyStopping, NegativeSampler, Recommender, pick_device
+from multimodal_rec.baselines.base import NegativeSampler, Recommender, pick_device
 from multimodal_rec.data.splits import Split
 
 
@@ -49,12 +46,9 @@ class BPRMF(Recommender):
             nn.init.normal_(emb.weight, std=0.1)
         module = nn.ModuleDict({"user": self.user_emb, "item": self.item_emb})
         optim = torch.optim.Adam(module.parameters(), lr=self.lr)
-        validate = self.eval_every > 0 and len(split.targets("val")[0]) > 0
-        stopper = EarlyStopping(self.patience)
         rng = np.random.default_rng(self.seed)
-        start = time.perf_counter()
-        bar = tqdm(range(1, self.epochs + 1), desc="bpr_mf", disable=not self.progress)
-        for epoch in bar:
+
+        def run_epoch() -> float:
             order = rng.permutation(len(users))
             total = 0.0
             for lo in range(0, len(order), self.batch_size):
@@ -69,17 +63,9 @@ class BPRMF(Recommender):
                 loss.backward()
                 optim.step()
                 total += float(loss.detach()) * len(idx)
-            record = {"epoch": epoch, "loss": total / len(users), "seconds": time.perf_counter() - start}
-            stop = False
-            if validate and epoch % self.eval_every == 0:
-                record["val_ndcg@10"] = self.evaluate(split, "val")["ndcg@10"]
-                stop = stopper.step(record["val_ndcg@10"], module, epoch)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", val=f"{record['val_ndcg@10']:.4f}")
-            self.history.append(record)
-            if stop:
-                break
-        stopper.restore(module)
-        self.best_epoch = stopper.best_epoch
+            return total / len(users)
+
+        self.run_epochs(split, module, run_epoch)
         return self
 
     @torch.no_grad()

@@ -8,15 +8,12 @@ variant; Covington, Adams & Sargin, "Deep Neural Networks for YouTube Recommenda
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from multimodal_rec.baselines.base import EarlyStopping, NegativeSampler, Recommender, pick_device
+from multimodal_rec.baselines.base import NegativeSampler, Recommender, pick_device
 from multimodal_rec.data.splits import Split
 
 
@@ -60,14 +57,11 @@ class DNNRecommender(Recommender):
         sampler = NegativeSampler(users, items, split.n_items, seed=self.seed)
         self.net = _Net(split.n_users, split.n_items, self.dim, self.hidden, self.dropout).to(self.device)
         optim = torch.optim.Adam(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        validate = self.eval_every > 0 and len(split.targets("val")[0]) > 0
-        stopper = EarlyStopping(self.patience)
         rng = np.random.default_rng(self.seed)
         labels = torch.zeros(1 + self.negatives, device=self.device)
         labels[0] = 1.0  # column 0 = the positive, then the negatives
-        start = time.perf_counter()
-        bar = tqdm(range(1, self.epochs + 1), desc="dnn", disable=not self.progress)
-        for epoch in bar:
+
+        def run_epoch() -> float:
             self.net.train()
             order = rng.permutation(len(users))
             total = 0.0
@@ -81,17 +75,9 @@ class DNNRecommender(Recommender):
                 loss.backward()
                 optim.step()
                 total += float(loss.detach()) * len(idx)
-            record = {"epoch": epoch, "loss": total / len(users), "seconds": time.perf_counter() - start}
-            stop = False
-            if validate and epoch % self.eval_every == 0:
-                record["val_ndcg@10"] = self.evaluate(split, "val")["ndcg@10"]
-                stop = stopper.step(record["val_ndcg@10"], self.net, epoch)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", val=f"{record['val_ndcg@10']:.4f}")
-            self.history.append(record)
-            if stop:
-                break
-        stopper.restore(self.net)
-        self.best_epoch = stopper.best_epoch
+            return total / len(users)
+
+        self.run_epochs(split, self.net, run_epoch)
         return self
 
     @torch.no_grad()

@@ -10,22 +10,17 @@ ndcg@10 checked every few epochs through the protocol, best state kept.
 
 from __future__ import annotations
 
-import logging
 import math
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from multimodal_rec.baselines.base import EarlyStopping, Recommender, pick_device
+from multimodal_rec.baselines.base import Recommender, pick_device
 from multimodal_rec.data.sequences import IGNORE_TARGET, TrainWindows
 from multimodal_rec.data.splits import Split
-
-log = logging.getLogger(__name__)
 
 
 class SASRecNet(nn.Module):
@@ -94,11 +89,8 @@ class SASRec(Recommender):
         loader = DataLoader(windows, batch_size=self.batch_size, shuffle=True,
                             generator=torch.Generator().manual_seed(self.seed))
         optim = torch.optim.Adam(self.net.parameters(), lr=self.lr, betas=(0.9, 0.98), weight_decay=self.weight_decay)
-        validate = self.eval_every > 0 and len(split.targets("val")[0]) > 0 and len(windows) > 0
-        stopper = EarlyStopping(self.patience)
-        start = time.perf_counter()
-        bar = tqdm(range(1, self.epochs + 1), desc="sasrec", disable=not self.progress)
-        for epoch in bar:
+
+        def run_epoch() -> float:
             self.net.train()
             total, count = 0.0, 0
             for batch in loader:
@@ -111,22 +103,9 @@ class SASRec(Recommender):
                 loss.backward()
                 optim.step()
                 total, count = total + float(loss.detach()) * int(keep.sum()), count + int(keep.sum())
-            record = {"epoch": epoch, "loss": total / max(count, 1), "seconds": time.perf_counter() - start}
-            stop = False
-            if validate and (epoch % self.eval_every == 0 or epoch == self.epochs):
-                record["val_ndcg@10"] = self.evaluate(split, "val")["ndcg@10"]
-                stop = stopper.step(record["val_ndcg@10"], self.net, epoch)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", val=f"{record['val_ndcg@10']:.4f}",
-                                best=stopper.best_epoch)
-                log.info("sasrec epoch %d loss %.4f val ndcg@10 %.4f (best %.4f @ %d) %.0fs", epoch, record["loss"],
-                         record["val_ndcg@10"], stopper.best, stopper.best_epoch, record["seconds"])
-            else:
-                bar.set_postfix(loss=f"{record['loss']:.3f}")
-            self.history.append(record)
-            if stop:
-                break
-        stopper.restore(self.net)
-        self.best_epoch = stopper.best_epoch
+            return total / max(count, 1)
+
+        self.run_epochs(split, self.net, run_epoch, can_validate=len(windows) > 0)
         return self
 
     @torch.no_grad()
