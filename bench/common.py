@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from pathlib import Path
@@ -49,8 +48,3 @@ def print_tables(rows: dict[str, list], title: str, extra_columns: tuple) -> Non
     print(markdown_table(rows["test"], (*COLUMNS, *extra_columns)))
     print("\nCold-start items (never in training), same metrics:\n")
     print(markdown_table(rows["test_cold"], COLUMNS))
-
-
-def write_json(path: Path, payload) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2))

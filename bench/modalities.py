@@ -11,9 +11,9 @@ import argparse
 import logging
 from pathlib import Path
 
-from common import add_rows, data_overrides, print_tables, train_config, write_json
+from common import add_rows, data_overrides, print_tables, train_config
 
-from multimodal_rec.training import train
+from multimodal_rec.training import train, write_json_atomic
 
 VARIANTS = {
     "ID-only GRU": ["model.modalities=[id]"],
@@ -39,7 +39,7 @@ def main() -> None:
         add_rows(rows, name, outcome["metrics"], epochs=outcome["epochs"], seconds=outcome["seconds"])
         print(f"{name}: done in {outcome['seconds']} s", flush=True)
     print_tables(rows, f"Modalities on {args.data}, test split, full ranking", ("epochs", "seconds"))
-    write_json(args.out / "modalities.json", rows)
+    write_json_atomic(args.out / "modalities.json", rows)
 
 
 if __name__ == "__main__":

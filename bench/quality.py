@@ -17,7 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from common import add_rows, data_overrides, print_tables, train_config, write_json
+from common import add_rows, data_overrides, print_tables, train_config
+
+from multimodal_rec.training import train, write_json_atomic
 
 MODELS = ("popularity", "user_knn", "item_knn", "bpr_mf", "content", "dnn", "sasrec", "multimodal")
 STAGES = ("test", "test_cold")
@@ -61,8 +63,6 @@ def run_baseline(name: str, base: list[str], out: Path) -> dict:
 
 
 def run_multimodal(base: list[str], out: Path, extra: list[str]) -> dict:
-    from multimodal_rec.training import train
-
     result = train(train_config(out, [*base, *extra]))
     return {"metrics": result["metrics"], "seconds": result["seconds"], "epochs": result["epochs"]}
 
@@ -99,7 +99,7 @@ def main() -> None:
                                                     "peak MiB": round(result["peak_rss_mib"])})
         print(f"{name}: test ndcg@10 {rows['test'][-1]['ndcg@10']:.4f} ({result['seconds']} s)", flush=True)
     print_tables(rows, f"Quality on {args.data}: test split, full ranking, all users", ("train s", "peak MiB"))
-    write_json(args.out / "quality.json", rows)
+    write_json_atomic(args.out / "quality.json", rows)
 
 
 if __name__ == "__main__":

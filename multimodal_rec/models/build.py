@@ -16,5 +16,5 @@ def build_model(datamodule: RecDataModule, recommender: Callable, modalities=MOD
     """`recommender` is a partial MultimodalRecommender (Hydra `_partial_: true`) lacking its data bundle."""
     bundle = build_bundle(datamodule, tuple(modalities), image_encoder, text_encoder, cache_dir)
     model = recommender(bundle=bundle)
-    model.stage_names["test"] = datamodule.test_stages()
+    model.test_stages = datamodule.test_stages()
     return model

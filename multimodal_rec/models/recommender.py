@@ -50,7 +50,7 @@ class MultimodalRecommender(pl.LightningModule):
         self.ks = tuple(ks)
         self.data_fingerprint = bundle.data_fingerprint
         self.run_config: dict = {}  # set by the training entry point; saved into checkpoints
-        self.stage_names = {"val": ["val"], "test": ["test"]}
+        self.test_stages = ["test"]  # the DataModule's test dataloaders, in order (+ "test_cold")
         self.evaluators: dict[str, RankingEvaluator] = {}
         self._all_items: torch.Tensor | None = None
 
@@ -164,10 +164,11 @@ class MultimodalRecommender(pl.LightningModule):
     def _end_eval(self) -> dict[str, float]:
         logged = {}
         for name, evaluator in self.evaluators.items():
-            if evaluator.compute()["n_users"] == 0:
+            metrics = evaluator.compute()
+            if metrics["n_users"] == 0:
                 continue
             stage, _, variant = name.partition("/")
-            for metric, value in evaluator.compute().items():
+            for metric, value in metrics.items():
                 if metric != "n_users":
                     logged[f"{stage}/{variant + '_' if variant else ''}{metric}"] = value
         headline = {k: v for k, v in logged.items() if k.endswith("/ndcg@10")}
@@ -186,10 +187,10 @@ class MultimodalRecommender(pl.LightningModule):
         self._end_eval()
 
     def on_test_epoch_start(self) -> None:
-        self._start_eval(self.stage_names["test"])
+        self._start_eval(self.test_stages)
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, self.stage_names["test"][dataloader_idx])
+        self._eval_step(batch, self.test_stages[dataloader_idx])
 
     def on_test_epoch_end(self) -> None:
         self.test_metrics = self._end_eval()
