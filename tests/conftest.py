@@ -54,3 +54,36 @@ def tiny_datamodule(root: Path, **overrides):
     settings = {"max_len": 10, "cold_item_fraction": 0.1, "batch_size": 32, "eval_batch_size": 64,
                 "image_size": 32, **overrides}
     return RecDataModule("tiny_shop", str(root), **settings)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny model trained for two epochs on a tiny shop (train.py with debug=fast, no fast_dev_run)."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    command = [sys.executable, str(PROJECT_ROOT / "train.py"), "debug=fast", f"hydra.run.dir={root / 'run'}",
+               f"data.processed_dir={root / 'data'}", f"paths.cache_dir={root / 'cache'}",
+               "trainer.fast_dev_run=false", "trainer.max_epochs=2", "test=false"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root / "run" / "checkpoints" / "last.ckpt"
+
+
+def export_config(ckpt: Path, out: Path, **overrides):
+    from omegaconf import OmegaConf
+
+    settings = {"ckpt_path": str(ckpt), "out": str(out), "shard_size": 64, "batch_size": 32, "dtype": "float32",
+                "device": "cpu", "serving_parts": True, "overwrite": False, "data": {}, **overrides}
+    return OmegaConf.create(settings)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The tiny model's export (embeddings + serving parts), no index: serving searches exactly."""
+    from multimodal_rec.export import export
+
+    out = tmp_path_factory.mktemp("artifacts") / "tiny"
+    export(export_config(tiny_checkpoint, out))
+    return out

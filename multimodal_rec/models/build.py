@@ -17,4 +17,5 @@ def build_model(datamodule: RecDataModule, recommender: Callable, modalities=MOD
     bundle = build_bundle(datamodule, tuple(modalities), image_encoder, text_encoder, cache_dir)
     model = recommender(bundle=bundle)
     model.test_stages = datamodule.test_stages()
+    model.frozen_encoders = bundle.frozen_encoders  # a plain dict, not submodules: not trained, not checkpointed
     return model

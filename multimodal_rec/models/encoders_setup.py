@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -33,6 +33,7 @@ class EncoderBundle:
     user_sizes: dict
     popularity: torch.Tensor  # (N,) training interaction counts
     data_fingerprint: str = ""
+    frozen_encoders: dict = field(default_factory=dict)  # kind -> the encoder its cached features came from
 
 
 def build_bundle(datamodule: RecDataModule, modalities=MODALITIES, image_encoder: Callable | None = None,
@@ -50,6 +51,7 @@ def build_bundle(datamodule: RecDataModule, modalities=MODALITIES, image_encoder
     image = text = None
     image_module = text_module = None
     tower_sizes = {"modalities": tuple(modalities)}
+    frozen: dict = {}
 
     def encode(kind: str, factory: Callable | None, compute: Callable, **settings):
         """(frozen features or None, fine-tuned encoder or None) for one modality."""
@@ -58,6 +60,7 @@ def build_bundle(datamodule: RecDataModule, modalities=MODALITIES, image_encoder
         encoder = factory()
         if encoder.trainable:
             return None, encoder
+        frozen[kind] = encoder.cpu().eval()
         key = feature_cache.cache_key(kind, encoder, fingerprint, **settings)
         features, hit = feature_cache.cached(cache_dir, key, lambda: compute(encoder))
         log.info("%s features %s (%s)", kind, "from cache" if hit else "computed", key)
@@ -80,4 +83,4 @@ def build_bundle(datamodule: RecDataModule, modalities=MODALITIES, image_encoder
     users = datamodule.user_features
     user_sizes = {"user_categorical_sizes": tuple(users.categorical_sizes), "n_user_numeric": users.numeric.shape[1]}
     return EncoderBundle(split.n_items, item_inputs, UserInputs(users), image_module, text_module, tower_sizes,
-                         user_sizes, popularity, datamodule.fingerprint)
+                         user_sizes, popularity, datamodule.fingerprint, frozen)

@@ -1,0 +1,59 @@
+"""Rebuilds a trained recommender from its self-describing checkpoint (config + data fingerprint)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+
+from multimodal_rec.embeddings import EmbeddingsError
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(EmbeddingsError):
+    """A checkpoint that cannot be used: missing, unreadable, or not one of ours."""
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises many kinds for a truncated or foreign file
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error})") from error
+    if not isinstance(checkpoint, dict) or "multimodal_rec" not in checkpoint or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{path} is not a multimodal_rec checkpoint (no 'multimodal_rec' metadata)")
+    return checkpoint
+
+
+def restore_model(ckpt_path: str | Path, data_overrides: dict | None = None, device: str = "cpu"):
+    """(model in eval mode on `device`, its DataModule, the checkpoint dict).
+
+    The data and model are rebuilt from the config saved in the checkpoint; `data_overrides` (e.g. a
+    new `processed_dir` on another machine) are merged into its data section. Loading refuses data
+    whose fingerprint differs from the one the model was trained on.
+    """
+    checkpoint = read_checkpoint(ckpt_path)
+    meta = checkpoint["multimodal_rec"]
+    cfg = OmegaConf.create(meta["config"])
+    if not cfg.get("data") or not cfg.get("model"):
+        raise CheckpointError(f"{ckpt_path} does not record the data and model config it was trained with")
+    if data_overrides:
+        cfg.data = OmegaConf.merge(cfg.data, data_overrides)
+    pl.seed_everything(cfg.get("seed", 0), workers=True)  # as training did: random-init frozen encoders match
+    datamodule = hydra.utils.instantiate(cfg.data)
+    model = hydra.utils.instantiate(cfg.model)(datamodule=datamodule)
+    model.on_load_checkpoint(checkpoint)  # refuses other data, with the reason
+    missing, unexpected = model.load_state_dict(checkpoint["state_dict"], strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{ckpt_path} does not fit the model its config builds: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    model.run_config = meta["config"]
+    log.info("restored %s (data %s, dim %d)", ckpt_path, meta["data_fingerprint"], meta["dim"])
+    return model.to(device).eval(), datamodule, checkpoint

@@ -1,0 +1,140 @@
+"""The HTTP app (FastAPI): recommend, rank, similar items, new items, health, metrics, reload.
+
+Every error a client can cause is a 4xx with a message that says what was wrong; OpenAPI docs at /docs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
+from multimodal_rec.embeddings import EmbeddingsError
+from multimodal_rec.serving.errors import RequestError
+from multimodal_rec.serving.schemas import (
+    MAX_K,
+    NewItem,
+    RankRequest,
+    RecommendRequest,
+    RecommendResponse,
+    ReloadRequest,
+)
+from multimodal_rec.serving.service import RecommenderService
+
+log = logging.getLogger(__name__)
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class BodyLimit:
+    """ASGI middleware: refuses bodies over `max_bytes` (413), declared or streamed, before they are parsed."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._too_large(scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _TooLarge:
+            await self._too_large(scope, receive, send)
+
+    async def _too_large(self, scope, receive, send):
+        response = JSONResponse({"detail": f"request body over {self.max_bytes} bytes"}, status_code=413)
+        await response(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(service: RecommenderService, max_body_bytes: int = 10 * 1024 * 1024) -> FastAPI:
+    app = FastAPI(title="multimodal_rec", description="Multimodal recommendations with reasons", version="1")
+    registry = CollectorRegistry()
+    requests = Counter("mmrec_requests", "requests by route and status", ["route", "status"], registry=registry)
+    latency = Histogram("mmrec_request_seconds", "request latency by route", ["route"], buckets=LATENCY_BUCKETS,
+                        registry=registry)
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        name = route.path if route is not None else "unmatched"
+        latency.labels(name).observe(time.perf_counter() - started)
+        requests.labels(name, str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, error: RequestError):
+        return JSONResponse({"detail": str(error), **error.details}, status_code=error.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError):
+        problems = [{"where": ".".join(str(p) for p in e["loc"]), "problem": e["msg"]} for e in error.errors()]
+        return JSONResponse({"detail": "invalid request", "errors": problems}, status_code=422)
+
+    def query_args(body) -> tuple:
+        hour = body.context.hour if body.context else None
+        return body.user_id, body.history, body.profile, hour
+
+    @app.post("/recommend", response_model=RecommendResponse)
+    def recommend(body: RecommendRequest):
+        filters = {k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in (body.filters or {}).items()}
+        return service.recommend(*query_args(body), body.k, filters, body.exclude_seen)
+
+    @app.post("/rank", response_model=RecommendResponse)
+    def rank(body: RankRequest):
+        return service.rank(*query_args(body), body.items)
+
+    @app.get("/items/{item_id}/similar", response_model=RecommendResponse)
+    def similar(item_id: int, k: int = Query(10, ge=1, le=MAX_K)):
+        return service.similar(item_id, k)
+
+    @app.post("/items", status_code=201)
+    def add_item(body: NewItem):
+        return service.add_item(body.item_id, body.title, body.text, body.image_base64, body.attributes)
+
+    @app.post("/admin/reload")
+    def reload(body: ReloadRequest):
+        target = body.artifacts or str(service.artifacts.root)
+        try:
+            return service.load(target)
+        except (EmbeddingsError, OSError) as error:
+            raise RequestError(422, f"artifacts refused, the old ones stay in service: {error}") from error
+
+    @app.get("/healthz")
+    def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz():
+        try:
+            return {"status": "ready", **service.describe()}
+        except RequestError as error:
+            return JSONResponse({"status": "not ready", "detail": str(error)}, status_code=503)
+
+    @app.get("/metrics")
+    def metrics():
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    if max_body_bytes:
+        app.add_middleware(BodyLimit, max_bytes=max_body_bytes)  # outermost: before anything reads the body
+    return app

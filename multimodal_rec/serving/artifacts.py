@@ -1,0 +1,135 @@
+"""Loads an artifact folder (export + index + serving parts) once, and checks that its pieces agree."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pandas as pd
+import torch
+
+from multimodal_rec import embeddings as emb
+from multimodal_rec.serving.parts import CATALOG_FILE, MODALITY_PARTS_FILE, MODEL_FILE, PARTS_FORMAT
+
+log = logging.getLogger(__name__)
+
+
+class ArtifactsError(emb.EmbeddingsError):
+    """An artifact folder that cannot be served; the message says which file and why."""
+
+
+class ExactIndex:
+    """Exact inner-product search with external ids: used when the folder holds no built index."""
+
+    def __init__(self, ids: np.ndarray, vectors: np.ndarray):
+        self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
+        self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids.astype(np.int64))
+        self.manifest = {"name": "exact (in memory)", "recall@10": 1.0}
+
+    @property
+    def ntotal(self) -> int:
+        return self.index.ntotal
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids.astype(np.int64))
+
+
+@dataclass
+class Artifacts:
+    root: Path
+    manifest: dict
+    parts: dict
+    catalog: pd.DataFrame  # one row per item, in the order of `item_ids`
+    item_ids: np.ndarray  # (N,) int64 external ids
+    item_vectors: np.ndarray  # (N, d) float32, L2-normalised
+    user_ids: np.ndarray
+    user_vectors: np.ndarray
+    modality_parts: np.ndarray | None  # (N, M, d) float16
+    index: object
+    item_row: dict = field(default_factory=dict)  # external item id -> row
+    user_row: dict = field(default_factory=dict)
+    history_offsets: dict = field(default_factory=dict)  # external user id -> (lo, hi) in parts histories
+    lock: threading.Lock = field(default_factory=threading.Lock)  # guards the index and arrays on writes
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    def user_history(self, user_id: int) -> np.ndarray:
+        lo, hi = self.history_offsets[user_id]
+        return self.parts["histories"]["items"][lo:hi]
+
+    def rows(self, ids) -> tuple[np.ndarray, list]:
+        """(rows of the known ids, the unknown ids)."""
+        rows = [self.item_row.get(int(i), -1) for i in ids]
+        unknown = [int(i) for i, r in zip(ids, rows) if r < 0]
+        return np.asarray([r for r in rows if r >= 0], dtype=np.int64), unknown
+
+
+def _find_index(root: Path, name: str | None, dim: int, fingerprint: str):
+    folders = sorted(p for p in root.glob("index-*") if p.is_dir())
+    if name:
+        folders = [p for p in folders if p.name == f"index-{name}"]
+        if not folders:
+            raise ArtifactsError(f"{root} has no index-{name}/ (build it with python -m multimodal_rec.index "
+                                 f"embeddings={root} index={name})")
+    if not folders:
+        return None
+    if len(folders) > 1:
+        raise ArtifactsError(f"{root} holds several indexes ({[p.name for p in folders]}); choose one with index=")
+    from multimodal_rec.index import load_index
+
+    return load_index(folders[0], expect_dim=dim, expect_fingerprint=fingerprint)
+
+
+def load_artifacts(root: str | Path, index_name: str | None = None) -> Artifacts:
+    root = Path(root)
+    if not root.is_dir():
+        raise ArtifactsError(f"artifact folder {root} does not exist")
+    manifest = emb.load_manifest(root)
+    for name in (MODEL_FILE, CATALOG_FILE):
+        if not (root / name).is_file():
+            raise ArtifactsError(f"{root} lacks {name}: export with serving_parts=true")
+    try:
+        parts = torch.load(root / MODEL_FILE, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises many kinds for a truncated or foreign file
+        raise ArtifactsError(f"{root / MODEL_FILE} cannot be read ({type(error).__name__}: {error})") from error
+    if not isinstance(parts, dict) or parts.get("format") != PARTS_FORMAT:
+        raise ArtifactsError(f"{root / MODEL_FILE} is not a {PARTS_FORMAT} file")
+    for key in ("checkpoint_sha256", "data_fingerprint", "dim"):
+        if parts[key] != manifest[key]:
+            raise ArtifactsError(f"{MODEL_FILE} and the embeddings disagree on {key}: {parts[key]} vs {manifest[key]}")
+    item_ids, item_vectors = emb.read_embeddings(root, "items")
+    user_ids, user_vectors = emb.read_embeddings(root, "users")
+    catalog = pd.read_parquet(root / CATALOG_FILE)
+    if not np.array_equal(catalog["item_id"].to_numpy(np.int64), item_ids):
+        raise ArtifactsError(f"{CATALOG_FILE} does not list the exported items in their order")
+    modality_parts = None
+    if (root / MODALITY_PARTS_FILE).is_file():
+        modality_parts = np.load(root / MODALITY_PARTS_FILE)
+        if modality_parts.shape[0] != len(item_ids):
+            raise ArtifactsError(f"{MODALITY_PARTS_FILE} has {modality_parts.shape[0]} rows for {len(item_ids)} items")
+    index = _find_index(root, index_name, manifest["dim"], manifest["data_fingerprint"])
+    if index is None:
+        log.info("no index-*/ in %s: serving with exact search in memory", root)
+        index = ExactIndex(item_ids, item_vectors)
+    elif index.ntotal != len(item_ids):
+        raise ArtifactsError(f"the index holds {index.ntotal} vectors but the export {len(item_ids)}")
+    histories = parts["histories"]
+    offsets = histories["offsets"]
+    artifacts = Artifacts(root, manifest, parts, catalog, item_ids, item_vectors, user_ids, user_vectors,
+                          modality_parts, index)
+    artifacts.item_row = {int(i): r for r, i in enumerate(item_ids)}
+    artifacts.user_row = {int(u): r for r, u in enumerate(user_ids)}
+    artifacts.history_offsets = {int(u): (int(offsets[r]), int(offsets[r + 1]))
+                                 for r, u in enumerate(histories["user_ids"])}
+    log.info("loaded %s: %d items, %d users, index %s", root, len(item_ids), len(user_ids),
+             index.manifest.get("name"))
+    return artifacts

@@ -1,0 +1,184 @@
+"""Answers requests from loaded artifacts: build the query, retrieve with FAISS, re-rank, explain.
+
+Errors a client can fix raise `RequestError` with an HTTP status; the app turns them into 4xx.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from multimodal_rec.serving.artifacts import Artifacts
+from multimodal_rec.serving.errors import RequestError
+from multimodal_rec.serving.filters import filter_mask
+
+MAX_FETCH = 4096  # FAISS candidates fetched before falling back to scoring the filtered catalogue exactly
+
+
+@dataclass
+class Query:
+    vector: np.ndarray  # (d,) float32, L2-normalised
+    history_rows: np.ndarray  # rows of the history items (for exclusion and reasons)
+    strategy: str  # "history" | "profile" | "popularity"
+
+
+def _profile_codes(artifacts: Artifacts, profile: dict | None, base: dict | None) -> dict:
+    """A request profile {column: value} -> the query tower's codes (unknown values count as missing)."""
+    vocab = artifacts.parts["vocabularies"]
+    categorical = base["categorical"].clone() if base else torch.zeros(1, len(vocab["user_categorical"]),
+                                                                         dtype=torch.long)
+    numeric = base["numeric"].clone() if base else torch.zeros(1, len(vocab["user_numeric"]))
+    for column, value in (profile or {}).items():
+        if column in vocab["user_categorical"]:
+            values = vocab["user_categorical"][column]
+            position = values.index(str(value)) + 1 if str(value) in values else 0
+            categorical[0, list(vocab["user_categorical"]).index(column)] = position
+        elif column in vocab["user_numeric"]:
+            reference = vocab["user_numeric"][column]
+            pct = (np.searchsorted(reference, value, "left") + np.searchsorted(reference, value, "right") + 1) / (
+                2 * max(len(reference), 1))
+            numeric[0, list(vocab["user_numeric"]).index(column)] = float((pct - 0.5) * np.sqrt(12.0))
+        else:
+            known = sorted([*vocab["user_categorical"], *vocab["user_numeric"]])
+            raise RequestError(422, f"unknown profile attribute {column!r}; known: {known}")
+    return {"categorical": categorical, "numeric": numeric}
+
+
+@torch.no_grad()
+def build_query(artifacts: Artifacts, user_id: int | None, history: list[int] | None, profile: dict | None,
+                hour: int | None) -> Query:
+    parts = artifacts.parts
+    session_rows, unknown = artifacts.rows(history or [])
+    if unknown:
+        raise RequestError(404, f"unknown item ids in history: {unknown[:20]}", unknown_item_ids=unknown)
+    base_profile, stored_rows = None, np.empty(0, dtype=np.int64)
+    if user_id is not None:
+        if user_id not in artifacts.user_row:
+            raise RequestError(404, f"unknown user id {user_id}", unknown_user_id=user_id)
+        row = artifacts.user_row[user_id]
+        if not history and not profile and hour is None:  # the exported vector is exactly this query
+            stored_rows, _ = artifacts.rows(artifacts.user_history(user_id))
+            return Query(artifacts.user_vectors[row], stored_rows, "history" if len(stored_rows) else "profile")
+        stored_rows, _ = artifacts.rows(artifacts.user_history(user_id))
+        base_profile = parts["user_profiles"](torch.tensor([row]))
+        if hour is None:
+            hour = int(parts["histories"]["last_hour"][row])
+    rows = np.concatenate([stored_rows, session_rows])[-parts["max_len"]:]
+    if not len(rows) and not profile and base_profile is None:  # nothing known: the most popular items
+        return Query(np.empty(0, dtype=np.float32), rows, "popularity")
+    vectors = torch.from_numpy(artifacts.item_vectors[rows]).unsqueeze(0)  # (1, L, d)
+    if not len(rows):
+        vectors = torch.zeros(1, 1, artifacts.dim)
+    mask = torch.ones(vectors.shape[:2], dtype=torch.bool) if len(rows) else torch.zeros(1, 1, dtype=torch.bool)
+    codes = _profile_codes(artifacts, profile, base_profile)
+    hours = torch.tensor([hour if hour is not None else 12])
+    query = parts["history_encoder"](vectors, mask, codes, hours)[:, -1]
+    vector = F.normalize(query, dim=-1)[0].numpy().astype(np.float32)
+    return Query(vector, rows, "history" if len(rows) else "profile")
+
+
+def _retrieve(artifacts: Artifacts, query: Query, want: int, allowed: np.ndarray | None,
+              excluded: set) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, retrieval scores) of the best `want` items passing the filters, best first."""
+    fetch = min(max(2 * want + len(excluded), 64), artifacts.index.ntotal)
+    while True:
+        with artifacts.lock:
+            scores, ids = artifacts.index.search(query.vector[None, :], fetch)
+        rows, _ = artifacts.rows(ids[0][ids[0] >= 0])
+        scores = scores[0][ids[0] >= 0][: len(rows)]
+        keep = np.array([r not in excluded and (allowed is None or allowed[r]) for r in rows], dtype=bool)
+        if keep.sum() >= want or fetch >= artifacts.index.ntotal:
+            return rows[keep][:want], scores[keep][:want]
+        if fetch >= MAX_FETCH:  # a strict filter: score the items that pass it exactly
+            candidates = np.flatnonzero(allowed if allowed is not None else np.ones(len(artifacts.item_ids), bool))
+            candidates = candidates[[c not in excluded for c in candidates]] if excluded else candidates
+            exact = artifacts.item_vectors[candidates] @ query.vector
+            order = np.argsort(-exact, kind="stable")[:want]
+            return candidates[order], exact[order]
+        fetch = min(fetch * 4, artifacts.index.ntotal)
+
+
+@torch.no_grad()
+def rerank(artifacts: Artifacts, query: Query, rows: np.ndarray, retrieval: np.ndarray) -> np.ndarray:
+    """The ranking network's scores for (query, candidates); retrieval scores when there is no ranker."""
+    ranker = artifacts.parts["ranker"]
+    if ranker is None or not len(rows):
+        return retrieval
+    items = torch.from_numpy(artifacts.item_vectors[rows]).unsqueeze(0)  # (1, C, d)
+    scores = ranker(torch.from_numpy(query.vector)[None], items, torch.from_numpy(retrieval)[None].float())
+    return scores[0].numpy()
+
+
+def reasons(artifacts: Artifacts, query: Query, rows: np.ndarray) -> list[dict]:
+    """Why each item: the history item it is most similar to, and the modality on which they agree most."""
+    if query.strategy != "history":
+        kind = {"profile": "matches the profile given", "popularity": "popular in the catalogue"}[query.strategy]
+        return [{"kind": query.strategy, "text": kind} for _ in rows]
+    history = np.unique(query.history_rows)
+    similarity = artifacts.item_vectors[rows] @ artifacts.item_vectors[history].T  # (C, H)
+    out = []
+    for position, row in enumerate(rows):
+        anchor = history[int(np.argmax(similarity[position]))]
+        reason = {"kind": "history", "because_of": int(artifacts.item_ids[anchor]),
+                  "because_of_title": str(artifacts.catalog["title"].iat[anchor]),
+                  "similarity": round(float(similarity[position].max()), 4), "modality": None}
+        if artifacts.modality_parts is not None:
+            a = artifacts.modality_parts[anchor].astype(np.float32)
+            b = artifacts.modality_parts[row].astype(np.float32)
+            cosines = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-8)
+            names = artifacts.parts["modalities"]
+            reason["modality_similarity"] = {n: round(float(c), 4) for n, c in zip(names, cosines)}
+            reason["modality"] = names[int(np.argmax(cosines))]
+        reason["text"] = (f"similar to {reason['because_of_title']!r}" +
+                          (f" (mostly by {reason['modality']})" if reason["modality"] else ""))
+        out.append(reason)
+    return out
+
+
+def recommend(artifacts: Artifacts, query: Query, k: int, filters: dict | None, exclude_seen: bool) -> dict:
+    allowed = filter_mask(artifacts.catalog, filters) if filters else None
+    excluded = set(query.history_rows.tolist()) if exclude_seen else set()
+    if query.strategy == "popularity":
+        popularity = artifacts.catalog["popularity"].to_numpy(np.float64)
+        candidates = np.flatnonzero(allowed) if allowed is not None else np.arange(len(popularity))
+        order = candidates[np.argsort(-popularity[candidates], kind="stable")][:k]
+        return _answer(artifacts, query, order, popularity[order], popularity[order])
+    want = max(k, int(artifacts.parts["rerank_top"]))
+    rows, retrieval = _retrieve(artifacts, query, want, allowed, excluded)
+    scores = rerank(artifacts, query, rows, retrieval)
+    order = np.argsort(-scores, kind="stable")[:k]
+    return _answer(artifacts, query, rows[order], scores[order], retrieval[order])
+
+
+def rank(artifacts: Artifacts, query: Query, item_ids: list[int]) -> dict:
+    rows, unknown = artifacts.rows(item_ids)
+    if unknown:
+        raise RequestError(404, f"unknown item ids: {unknown[:20]}", unknown_item_ids=unknown)
+    if query.strategy == "popularity":
+        retrieval = artifacts.catalog["popularity"].to_numpy(np.float32)[rows]
+        scores = retrieval
+    else:
+        retrieval = (artifacts.item_vectors[rows] @ query.vector).astype(np.float32)
+        scores = rerank(artifacts, query, rows, retrieval)
+    order = np.argsort(-scores, kind="stable")
+    return _answer(artifacts, query, rows[order], scores[order], retrieval[order])
+
+
+def similar(artifacts: Artifacts, item_id: int, k: int) -> dict:
+    rows, unknown = artifacts.rows([item_id])
+    if unknown:
+        raise RequestError(404, f"unknown item id {item_id}", unknown_item_ids=unknown)
+    query = Query(artifacts.item_vectors[rows[0]], rows, "history")
+    found, scores = _retrieve(artifacts, query, k, None, {int(rows[0])})
+    return _answer(artifacts, query, found, scores, scores)
+
+
+def _answer(artifacts: Artifacts, query: Query, rows: np.ndarray, scores: np.ndarray, retrieval: np.ndarray) -> dict:
+    explained = reasons(artifacts, query, rows)
+    items = [{"item_id": int(artifacts.item_ids[r]), "title": str(artifacts.catalog["title"].iat[r]),
+              "score": float(s), "retrieval_score": float(q), "reason": why}
+             for r, s, q, why in zip(rows, scores, retrieval, explained)]
+    return {"strategy": query.strategy, "cold_start": query.strategy != "history", "items": items}

@@ -1,0 +1,130 @@
+"""Item cold start at serving time: a new item's text, image and attributes -> the item tower's vector.
+
+The inputs are coded exactly as data/features.py codes the catalogue (same tokenizer, image size,
+vocabularies, numeric quantiles and frozen encoders, all saved in model.pt).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import threading
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from multimodal_rec.data.features import tokenize
+from multimodal_rec.data.images import to_tensor
+from multimodal_rec.serving.errors import RequestError
+
+MAX_IMAGE_PIXELS = 40_000_000
+
+
+def decode_image(encoded: str, size: int) -> torch.Tensor:
+    """base64 image bytes -> (1, 3, S, S) uint8; a corrupt upload is the client's error (422)."""
+    try:
+        raw = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise RequestError(422, f"image_base64 is not valid base64: {error}") from error
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise RequestError(422, f"image is too large ({image.width}x{image.height})")
+            picture = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise RequestError(422, f"image cannot be decoded: {error}") from error
+    return to_tensor(picture).unsqueeze(0)
+
+
+class NewItemEncoder:
+    """Codes a new item like the catalogue was coded and runs the item tower on it."""
+
+    def __init__(self, parts: dict):
+        self.parts = parts
+        self.tower = parts["item_tower"]
+        self._lock = threading.Lock()
+
+    def _encoder(self, kind: str):
+        encoder = self.parts["frozen_encoders"].get(kind)
+        if encoder is None:
+            raise RequestError(409, f"the artifacts hold no {kind} encoder, so new items cannot be encoded")
+        return encoder
+
+    @torch.no_grad()
+    def inputs(self, text: str | None, image_base64: str | None, attributes: dict) -> dict:
+        parts, vocab = self.parts, self.parts["vocabularies"]
+        modalities = parts["modalities"]
+        inputs = {"item": torch.tensor([parts["n_items"]]), "known": torch.tensor([False])}
+        if "image" in modalities:
+            has_image = image_base64 is not None
+            pixels = decode_image(image_base64, parts["image_size"]) if has_image else torch.zeros(
+                1, 3, parts["image_size"], parts["image_size"], dtype=torch.uint8)
+            if self.tower.image_encoder is not None:
+                inputs["pixels"] = pixels
+            else:
+                encoder = self._encoder("image")
+                inputs["image"] = encoder(pixels) if has_image else torch.zeros(1, encoder.out_dim)
+            inputs["has_image"] = torch.tensor([has_image])
+        if "text" in modalities:
+            has_text = bool(text and text.strip())
+            ids, mask = tokenize([text or ""], parts["text_tokenizer"], parts["max_text_len"])
+            if self.tower.text_encoder is not None:
+                inputs["text_ids"], inputs["text_mask"] = ids, mask
+            else:
+                inputs["text"] = self._encoder("text")(ids, mask)
+            inputs["has_text"] = torch.tensor([has_text])
+        inputs.update(self._attributes(vocab, attributes))
+        return inputs
+
+    @staticmethod
+    def _attributes(vocab: dict, attributes: dict) -> dict:
+        known = {*vocab["categorical"], *vocab["multi_columns"], *vocab["numeric"]}
+        unknown = sorted(set(attributes) - known)
+        if unknown:
+            raise RequestError(422, f"unknown item attributes {unknown}; known: {sorted(known)}")
+        categorical = torch.zeros(1, len(vocab["categorical"]), dtype=torch.long)
+        for column, (name, values) in enumerate(vocab["categorical"].items()):
+            value = attributes.get(name)
+            if value is not None and str(value) in values:
+                categorical[0, column] = values.index(str(value)) + 1
+        multi = torch.zeros(1, len(vocab["multi"]))
+        lookup = {v: i for i, v in enumerate(vocab["multi"])}
+        for name in vocab["multi_columns"]:
+            values = attributes.get(name) or []
+            for value in values if isinstance(values, list) else [values]:
+                if f"{name}={value}" in lookup:
+                    multi[0, lookup[f"{name}={value}"]] = 1.0
+        numeric = torch.zeros(1, len(vocab["numeric"]))
+        missing = torch.ones(1, len(vocab["numeric"]), dtype=torch.bool)
+        for column, (name, reference) in enumerate(vocab["numeric"].items()):
+            value = attributes.get(name)
+            if value is None:
+                continue
+            try:
+                value = float(value)
+            except (TypeError, ValueError) as error:
+                raise RequestError(422, f"attribute {name!r} must be a number, got {value!r}") from error
+            pct = (np.searchsorted(reference, value, "left") + np.searchsorted(reference, value, "right") + 1) / (
+                2 * max(len(reference), 1))
+            numeric[0, column], missing[0, column] = float((pct - 0.5) * np.sqrt(12.0)), False
+        return {"categorical": categorical, "multi_hot": multi, "numeric": numeric, "numeric_missing": missing}
+
+    @torch.no_grad()
+    def encode(self, text: str | None, image_base64: str | None, attributes: dict) -> tuple[np.ndarray,
+                                                                                               np.ndarray | None]:
+        """(vector (d,) L2-normalised, per-modality parts (M, d) or None)."""
+        inputs = self.inputs(text, image_base64, attributes)
+        captured = []
+        fusion = getattr(self.tower, "fusion", None)
+        with self._lock:  # the hook is shared state: one encoding at a time
+            hook = fusion.register_forward_pre_hook(lambda m, args: captured.append(args[0])) if fusion else None
+            try:
+                vector = F.normalize(self.tower(inputs), dim=-1)[0]
+            finally:
+                if hook is not None:
+                    hook.remove()
+        parts = captured[0][0].half().numpy() if captured else None
+        return vector.float().numpy(), parts

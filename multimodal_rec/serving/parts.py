@@ -1,0 +1,139 @@
+"""The parts of a trained model that serving needs, written beside the exported embeddings.
+
+  model.pt          the towers as modules (item tower, history encoder, ranker, user profiles), the
+                    the frozen encoders, the vocabularies that turn a new item into tower inputs,
+                    and every known user's history (external item ids)
+  catalog.parquet   item_id, title, attributes (for filters and answers), training popularity, cold flag
+  modality_parts.npy  (N, M, d) float16: each item's per-modality vectors, for the reasons
+
+Serving then starts from the artifact folder alone, without the training data or code paths.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from multimodal_rec.data.sequences import hour_of_day
+
+log = logging.getLogger(__name__)
+
+PARTS_FORMAT = "multimodal_rec.serving/1"
+MODEL_FILE, CATALOG_FILE, MODALITY_PARTS_FILE = "model.pt", "catalog.parquet", "modality_parts.npy"
+MAX_PARTS_ITEMS = 2_000_000  # beyond this the per-modality vectors would not fit comfortably; reasons omit them
+
+
+def _atomic(path: Path, write) -> None:
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    with open(path, "wb") as handle:  # a file object: np.save would append ".npy" to a name
+        np.save(handle, array)
+
+
+def _vocabularies(datamodule) -> dict:
+    """What turns a new item's raw attributes into the tower's codes (see data/features.py)."""
+    data, features = datamodule.dataset, datamodule.item_features
+    users = {column: list(vocab) for column, vocab in zip(
+        data.attributes("user_categorical"),
+        (sorted(data.users[c].astype("string").dropna().unique()) for c in data.attributes("user_categorical")))}
+    numeric = {column: np.sort(data.items[column].dropna().to_numpy(np.float64))
+               for column in data.attributes("item_numeric")}
+    return {
+        "categorical": dict(zip(data.attributes("item_categorical"), features.vocabularies["categorical"])),
+        "multi_columns": list(data.attributes("item_multi")),
+        "multi": list(features.vocabularies["multi"]),
+        "numeric": numeric,
+        "user_categorical": users,  # request profiles are coded like users.parquet (0 = missing)
+        "user_numeric": {column: np.sort(data.users[column].dropna().to_numpy(np.float64))
+                         for column in data.attributes("user_numeric")},
+    }
+
+
+def _histories(datamodule) -> dict:
+    """Every user's full history as external item ids (CSR), and the hour of their last event."""
+    split, data = datamodule.split, datamodule.dataset
+    item_ids = data.items["item_id"].to_numpy(np.int64)
+    last = np.maximum(split.offsets[1:] - 1, 0)
+    hours = np.where(split.lengths() > 0, hour_of_day(split.timestamps[last]) if len(split.timestamps) else 0, 0)
+    return {"user_ids": data.users["user_id"].to_numpy(np.int64), "offsets": split.offsets.astype(np.int64),
+            "items": item_ids[split.items], "last_hour": hours.astype(np.int64)}
+
+
+def _catalog(datamodule, popularity: np.ndarray) -> pd.DataFrame:
+    data = datamodule.dataset
+    columns = ["item_id", "title"] + [c for kind in ("item_categorical", "item_multi", "item_numeric")
+                                      for c in data.attributes(kind)]
+    catalog = data.items[columns].copy()
+    catalog["popularity"] = popularity.astype(np.int64)
+    catalog["cold"] = np.isin(np.arange(len(catalog)), datamodule.split.cold_items)
+    catalog["has_image"] = datamodule.item_features.has_image[:-1].numpy()
+    catalog["has_text"] = datamodule.item_features.has_text[:-1].numpy()
+    return catalog
+
+
+@torch.no_grad()
+def modality_parts(model, chunk: int = 4096) -> np.ndarray | None:
+    """(N, M, d) per-modality vectors, captured at the input of the item tower's fusion."""
+    fusion = getattr(model.item_tower, "fusion", None)
+    if fusion is None or model.n_items > MAX_PARTS_ITEMS:
+        return None
+    captured = []
+    hook = fusion.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach().cpu().half()))
+    try:
+        for start in range(0, model.n_items, chunk):
+            model.item_vectors(torch.arange(start, min(start + chunk, model.n_items), device=model.device))
+    finally:
+        hook.remove()
+    return torch.cat(captured).numpy()
+
+
+def write_serving_parts(model, datamodule, out: str | Path, manifest: dict) -> None:
+    out = Path(out)
+    cfg = model.run_config
+    data_cfg = cfg.get("data", {})
+    popularity = np.bincount(datamodule.split.train_interactions()["item"], minlength=model.n_items)
+    parts = {
+        "format": PARTS_FORMAT,
+        "checkpoint_sha256": manifest["checkpoint_sha256"],
+        "data_fingerprint": manifest["data_fingerprint"],
+        "dim": int(model.hparams.dim),
+        "rerank_top": int(model.hparams.rerank_top),
+        "max_len": int(datamodule.max_len),
+        "n_items": int(model.n_items),
+        "modalities": list(model.item_tower.modalities),
+        "item_tower": copy.deepcopy(model.item_tower).cpu().eval(),
+        "history_encoder": copy.deepcopy(model.history_encoder).cpu().eval(),
+        "ranker": copy.deepcopy(model.ranker).cpu().eval() if model.ranker is not None else None,
+        "user_profiles": copy.deepcopy(model.users).cpu(),
+        # the exact frozen encoders the catalogue features came from, so new items are encoded alike
+        "frozen_encoders": {kind: copy.deepcopy(encoder).cpu().eval()
+                            for kind, encoder in getattr(model, "frozen_encoders", {}).items()},
+        "text_tokenizer": data_cfg.get("text_tokenizer", "minilm"),
+        "max_text_len": int(data_cfg.get("max_text_len", 64)),
+        "image_size": int(datamodule.image_size),
+        "vocabularies": _vocabularies(datamodule),
+        "histories": _histories(datamodule),
+    }
+    _atomic(out / MODEL_FILE, lambda tmp: torch.save(parts, tmp))
+    _atomic(out / CATALOG_FILE, lambda tmp: _catalog(datamodule, popularity).to_parquet(tmp, index=False))
+    vectors = modality_parts(model)
+    if vectors is not None:
+        _atomic(out / MODALITY_PARTS_FILE, lambda tmp: _save_npy(tmp, vectors))
+    log.info("wrote the serving parts to %s", out)

@@ -1,0 +1,82 @@
+"""Request and response schemas of the ranking endpoint (pydantic; they also make the OpenAPI docs)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_HISTORY = 1000
+MAX_K = 1000
+MAX_RANK_ITEMS = 1000
+
+
+class Range(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    min: float | None = None
+    max: float | None = None
+
+
+Filter = Range | str | int | float | list[str | int]
+
+
+class Context(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hour: int | None = Field(None, ge=0, le=23, description="hour of day (UTC) of the request")
+
+
+class QueryFields(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user_id: int | None = Field(None, description="a known user; their stored history is used")
+    history: list[int] | None = Field(None, max_length=MAX_HISTORY,
+                                      description="item ids of the current session, oldest first")
+    profile: dict[str, str | int | float] | None = Field(None, description="profile attributes, e.g. age")
+    context: Context | None = None
+
+
+class RecommendRequest(QueryFields):
+    k: int = Field(10, ge=1, le=MAX_K)
+    filters: dict[str, Filter] | None = Field(None, description='e.g. {"category": "shoes", "price": {"max": 50}}')
+    exclude_seen: bool = True
+
+
+class RankRequest(QueryFields):
+    items: list[int] = Field(..., min_length=1, max_length=MAX_RANK_ITEMS, description="candidate item ids")
+
+
+class NewItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    item_id: int
+    title: str = Field(..., min_length=1, max_length=1000)
+    text: str | None = Field(None, max_length=20000)
+    image_base64: str | None = Field(None, description="the image file's bytes, base64-encoded")
+    attributes: dict[str, Any] = Field(default_factory=dict)
+
+
+class ReloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    artifacts: str | None = Field(None, description="folder to load; default: reload the current one")
+
+
+class Reason(BaseModel):
+    kind: str
+    text: str
+    because_of: int | None = None
+    because_of_title: str | None = None
+    similarity: float | None = None
+    modality: str | None = None
+    modality_similarity: dict[str, float] | None = None
+
+
+class ScoredItem(BaseModel):
+    item_id: int
+    title: str
+    score: float
+    retrieval_score: float
+    reason: Reason
+
+
+class RecommendResponse(BaseModel):
+    strategy: str = Field(..., description="history | profile | popularity")
+    cold_start: bool
+    items: list[ScoredItem]

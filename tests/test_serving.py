@@ -1,0 +1,193 @@
+"""The ranking endpoint over real HTTP: every endpoint, every bad input, sessions, new items, reloads."""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+import socket
+import threading
+import time
+
+import httpx
+import pandas as pd
+import pytest
+import uvicorn
+
+from multimodal_rec.data.synthetic_images import render_synthetic_image
+from multimodal_rec.serving.app import create_app
+from multimodal_rec.serving.service import RecommenderService
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def live(tiny_artifacts, tmp_path_factory):
+    """A server on loopback over a copy of the tiny artifacts (tests add items to it)."""
+    folder = tmp_path_factory.mktemp("serve") / "artifacts"
+    shutil.copytree(tiny_artifacts, folder)
+    service = RecommenderService(folder)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(service, max_body_bytes=1_000_000), host="127.0.0.1",
+                                           port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.started, "server did not start"
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        yield client, service
+    server.should_exit = True
+    thread.join(10)
+
+
+def _ids(answer: dict) -> list[int]:
+    return [item["item_id"] for item in answer["items"]]
+
+
+def test_recommend_for_a_known_user(live):
+    client, service = live
+    user = int(service.artifacts.user_ids[0])
+    answer = client.post("/recommend", json={"user_id": user, "k": 5}).json()
+    assert answer["strategy"] == "history" and len(answer["items"]) == 5
+    scores = [item["score"] for item in answer["items"]]
+    assert scores == sorted(scores, reverse=True)
+    seen = set(service.artifacts.user_history(user).tolist())
+    assert not seen & set(_ids(answer))  # exclude_seen is the default
+    reason = answer["items"][0]["reason"]
+    assert reason["because_of"] in seen and reason["modality"] in ("id", "image", "text", "attributes")
+
+
+def test_the_answer_follows_the_session(live):
+    client, service = live
+    items = [int(i) for i in service.artifacts.item_ids]
+    first = client.post("/recommend", json={"history": [items[3]], "k": 10}).json()
+    grown = client.post("/recommend", json={"history": [items[3], items[150]], "k": 10}).json()
+    assert _ids(first) != _ids(grown)
+    assert items[150] not in _ids(grown)
+
+
+def test_filters_and_cold_users(live):
+    client, service = live
+    catalog = service.artifacts.catalog
+    category = str(catalog["category"].iat[0])
+    answer = client.post("/recommend", json={"history": [int(catalog["item_id"].iat[5])], "k": 5,
+                                             "filters": {"category": category, "price": {"max": 1e9}}}).json()
+    assert answer["items"] and all(catalog.set_index("item_id").loc[i, "category"] == category for i in _ids(answer))
+    popular = client.post("/recommend", json={"k": 3}).json()
+    assert popular["strategy"] == "popularity" and popular["cold_start"]
+    assert _ids(popular)[0] == int(catalog.sort_values("popularity", ascending=False, kind="stable")["item_id"].iat[0])
+    profile = client.post("/recommend", json={"profile": {"gender": "f", "age": 30}, "k": 3}).json()
+    assert profile["strategy"] == "profile" and len(profile["items"]) == 3
+
+
+def test_rank_and_similar(live):
+    client, service = live
+    items = [int(i) for i in service.artifacts.item_ids[:8]]
+    ranked = client.post("/rank", json={"user_id": int(service.artifacts.user_ids[1]), "items": items}).json()
+    assert sorted(_ids(ranked)) == sorted(items)
+    similar = client.get(f"/items/{items[2]}/similar", params={"k": 4}).json()
+    assert len(similar["items"]) == 4 and items[2] not in _ids(similar)
+
+
+def _png(ref: str) -> str:
+    buffer = io.BytesIO()
+    render_synthetic_image(ref, 64).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _twin(items: pd.DataFrame, item_id: int, new_id: int) -> dict:
+    """A new item with the content (text, image, attributes) of an existing one."""
+    source = items.loc[item_id]
+    return {"item_id": new_id, "title": f"twin of {source['title']}", "text": source["text"],
+            "image_base64": _png(source["image"]) if isinstance(source["image"], str) else None,
+            "attributes": {"category": source["category"], "brand": source["brand"], "price": source["price"]}}
+
+
+def test_a_new_item_is_recommended_to_a_matching_history(live, tiny_checkpoint):
+    """New items are encoded from content and recommendable at once: the twin of a user's best match is
+    recommended to them; the twin of their worst match is not."""
+    client, service = live
+    items = pd.read_parquet(tiny_checkpoint.parents[2] / "data" / "items.parquet").set_index("item_id", drop=False)
+    user = int(service.artifacts.user_ids[3])
+    everything = [int(i) for i in service.artifacts.item_ids]
+    order = _ids(client.post("/rank", json={"user_id": user, "items": everything}).json())
+    for new_id, source in ((777001, order[0]), (777002, order[-1])):
+        created = client.post("/items", json=_twin(items, source, new_id))
+        assert created.status_code == 201, created.text
+    top = _ids(client.post("/recommend", json={"user_id": user, "k": 20}).json())  # 10% of the catalogue
+    assert 777001 in top and 777002 not in top
+    assert client.post("/items", json=_twin(items, order[0], 777001)).status_code == 409  # the id is taken now
+
+
+def test_health_metrics_and_docs(live):
+    client, _ = live
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json()["status"] == "ready"
+    assert client.get("/docs").status_code == 200
+    metrics = client.get("/metrics").text
+    assert 'mmrec_requests_total{route="/recommend",status="200"}' in metrics
+    assert "mmrec_request_seconds_bucket" in metrics
+
+
+@pytest.mark.parametrize("body, status, says", [
+    (b"{not json", 422, "JSON decode error"),
+    (b'{"k": "ten"}', 422, "valid integer"),
+    (b'{"k": 0}', 422, "greater than or equal to 1"),
+    (b'{"k": 100000}', 422, "less than or equal to"),
+    (b'{"user_id": 99999999}', 404, "unknown user id 99999999"),
+    (b'{"history": [99999999]}', 404, "99999999"),
+    (b'{"history": [1], "filters": {"colour_of_sky": "blue"}}', 422, "cannot filter on"),
+    (b'{"user_id": 1, "surprise": true}', 422, "Extra inputs"),
+    (b'{"history": [' + b",".join([b"1"] * 1001) + b"]}", 422, "at most 1000"),
+    (b'{"history": [1], "context": {"hour": 25}}', 422, "less than or equal to 23"),
+])
+def test_bad_recommend_requests_get_clear_4xx(live, body, status, says):
+    client, _ = live
+    response = client.post("/recommend", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == status and says in response.text, response.text
+
+
+def test_other_bad_inputs(live):
+    client, service = live
+    assert client.post("/recommend", content=b"x" * 2_000_000,
+                       headers={"content-type": "application/json"}).status_code == 413
+    assert client.post("/rank", json={"user_id": 1, "items": [99999999]}).status_code == 404
+    assert client.post("/rank", json={"user_id": 1, "items": []}).status_code == 422
+    assert client.get("/items/99999999/similar").status_code == 404
+    assert client.get("/items/abc/similar").status_code == 422
+    corrupt = client.post("/items", json={"item_id": 888001, "title": "x", "image_base64": base64.b64encode(
+        b"\x89PNG\r\n\x1a\n broken").decode()})
+    assert corrupt.status_code == 422 and "image cannot be decoded" in corrupt.text
+    assert client.post("/items", json={"item_id": 888002, "title": "x", "image_base64": "%%%"}).status_code == 422
+    assert client.post("/items", json={"item_id": 888003, "title": "x", "attributes": {"price": "cheap"}}).status_code == 422
+    assert client.get("/healthz").status_code == 200  # still up
+
+
+def test_reload_swaps_atomically_and_refuses_bad_artifacts(live, tmp_path):
+    client, service = live
+    before = service.describe()
+    refused = client.post("/admin/reload", json={"artifacts": str(tmp_path / "nothing-here")})
+    assert refused.status_code == 422 and "old ones stay in service" in refused.text
+    assert service.describe()["loaded_at"] == before["loaded_at"]
+    errors, stop = [], threading.Event()
+
+    def hammer():
+        while not stop.is_set():
+            response = client.post("/recommend", json={"user_id": int(service.artifacts.user_ids[2]), "k": 5})
+            if response.status_code != 200:
+                errors.append(response.status_code)
+
+    worker = threading.Thread(target=hammer)
+    worker.start()
+    reloaded = client.post("/admin/reload", json={})
+    stop.set()
+    worker.join()
+    assert reloaded.status_code == 200 and reloaded.json()["loaded_at"] > before["loaded_at"]
+    assert errors == []
+    assert reloaded.json()["items"] == 200  # as exported: items added at run time live until a reload
