@@ -20,7 +20,7 @@ from multimodal_rec.serving.service import RecommenderService
 def main(cfg: DictConfig) -> None:
     torch.set_num_threads(cfg.torch_threads)
     try:
-        service = RecommenderService(cfg.artifacts, cfg.index)
+        service = RecommenderService(cfg.artifacts, cfg.index_name)
     except EmbeddingsError as error:  # a missing, incomplete or mismatched folder: one clear line
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

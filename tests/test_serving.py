@@ -111,7 +111,7 @@ def _twin(items: pd.DataFrame, item_id: int, new_id: int) -> dict:
 
 def test_a_new_item_is_recommended_to_a_matching_history(live, tiny_checkpoint):
     """New items are encoded from content and recommendable at once: the twin of a user's best match is
-    recommended to them; the twin of their worst match is not."""
+    recommended to them, and ranked above the twin of their worst match."""
     client, service = live
     items = pd.read_parquet(tiny_checkpoint.parents[2] / "data" / "items.parquet").set_index("item_id", drop=False)
     user = int(service.artifacts.user_ids[3])
@@ -120,8 +120,10 @@ def test_a_new_item_is_recommended_to_a_matching_history(live, tiny_checkpoint):
     for new_id, source in ((777001, order[0]), (777002, order[-1])):
         created = client.post("/items", json=_twin(items, source, new_id))
         assert created.status_code == 201, created.text
-    top = _ids(client.post("/recommend", json={"user_id": user, "k": 20}).json())  # 10% of the catalogue
-    assert 777001 in top and 777002 not in top
+    pair = _ids(client.post("/rank", json={"user_id": user, "items": [777002, 777001]}).json())
+    assert pair == [777001, 777002]
+    top = _ids(client.post("/recommend", json={"user_id": user, "k": 40}).json())  # a fifth of the catalogue
+    assert 777001 in top
     assert client.post("/items", json=_twin(items, order[0], 777001)).status_code == 409  # the id is taken now
 
 

@@ -53,6 +53,7 @@ class Artifacts:
     user_vectors: np.ndarray
     modality_parts: np.ndarray | None  # (N, M, d) float16
     index: object
+    titles: np.ndarray = None  # (N,) object: catalogue titles, for answers without a pandas lookup
     item_row: dict = field(default_factory=dict)  # external item id -> row
     user_row: dict = field(default_factory=dict)
     history_offsets: dict = field(default_factory=dict)  # external user id -> (lo, hi) in parts histories
@@ -126,6 +127,7 @@ def load_artifacts(root: str | Path, index_name: str | None = None) -> Artifacts
     offsets = histories["offsets"]
     artifacts = Artifacts(root, manifest, parts, catalog, item_ids, item_vectors, user_ids, user_vectors,
                           modality_parts, index)
+    artifacts.titles = catalog["title"].astype(str).to_numpy(object)
     artifacts.item_row = {int(i): r for r, i in enumerate(item_ids)}
     artifacts.user_row = {int(u): r for r, u in enumerate(user_ids)}
     artifacts.history_offsets = {int(u): (int(offsets[r]), int(offsets[r + 1]))

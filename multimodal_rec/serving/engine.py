@@ -119,21 +119,24 @@ def reasons(artifacts: Artifacts, query: Query, rows: np.ndarray) -> list[dict]:
         return [{"kind": query.strategy, "text": kind} for _ in rows]
     history = np.unique(query.history_rows)
     similarity = artifacts.item_vectors[rows] @ artifacts.item_vectors[history].T  # (C, H)
+    anchors = history[similarity.argmax(1)]  # (C,)
+    names, cosines = artifacts.parts["modalities"], None
+    if artifacts.modality_parts is not None:
+        a = artifacts.modality_parts[anchors].astype(np.float32)  # (C, M, d)
+        b = artifacts.modality_parts[rows].astype(np.float32)
+        cosines = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-8)  # (C, M)
     out = []
-    for position, row in enumerate(rows):
-        anchor = history[int(np.argmax(similarity[position]))]
-        reason = {"kind": "history", "because_of": int(artifacts.item_ids[anchor]),
-                  "because_of_title": str(artifacts.catalog["title"].iat[anchor]),
-                  "similarity": round(float(similarity[position].max()), 4), "modality": None}
-        if artifacts.modality_parts is not None:
-            a = artifacts.modality_parts[anchor].astype(np.float32)
-            b = artifacts.modality_parts[row].astype(np.float32)
-            cosines = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-8)
-            names = artifacts.parts["modalities"]
-            reason["modality_similarity"] = {n: round(float(c), 4) for n, c in zip(names, cosines)}
-            reason["modality"] = names[int(np.argmax(cosines))]
-        reason["text"] = (f"similar to {reason['because_of_title']!r}" +
-                          (f" (mostly by {reason['modality']})" if reason["modality"] else ""))
+    best = similarity.max(1).round(4).tolist()
+    drivers = cosines.argmax(1).tolist() if cosines is not None else None
+    cosines = cosines.round(4).tolist() if cosines is not None else None
+    for position, anchor in enumerate(anchors.tolist()):
+        title = str(artifacts.titles[anchor])
+        reason = {"kind": "history", "because_of": int(artifacts.item_ids[anchor]), "because_of_title": title,
+                  "similarity": best[position], "modality": None, "text": f"similar to {title!r}"}
+        if cosines is not None:
+            reason["modality_similarity"] = dict(zip(names, cosines[position]))
+            reason["modality"] = names[drivers[position]]
+            reason["text"] += f" (mostly by {reason['modality']})"
         out.append(reason)
     return out
 
@@ -178,7 +181,7 @@ def similar(artifacts: Artifacts, item_id: int, k: int) -> dict:
 
 def _answer(artifacts: Artifacts, query: Query, rows: np.ndarray, scores: np.ndarray, retrieval: np.ndarray) -> dict:
     explained = reasons(artifacts, query, rows)
-    items = [{"item_id": int(artifacts.item_ids[r]), "title": str(artifacts.catalog["title"].iat[r]),
+    items = [{"item_id": int(artifacts.item_ids[r]), "title": str(artifacts.titles[r]),
               "score": float(s), "retrieval_score": float(q), "reason": why}
              for r, s, q, why in zip(rows, scores, retrieval, explained)]
     return {"strategy": query.strategy, "cold_start": query.strategy != "history", "items": items}

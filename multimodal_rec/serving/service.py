@@ -83,6 +83,7 @@ class RecommenderService:
             addition = pd.DataFrame([row]).astype({c: artifacts.catalog[c].dtype for c in row
                                                    if c in artifacts.catalog and c != "title"}, errors="ignore")
             artifacts.catalog = pd.concat([artifacts.catalog, addition], ignore_index=True)
+            artifacts.titles = np.append(artifacts.titles, np.array([title], dtype=object))
             artifacts.item_ids = np.append(artifacts.item_ids, np.int64(item_id))
             artifacts.item_row[item_id] = len(artifacts.item_ids) - 1  # last: readers now see a whole item
         log.info("added item %d (%s)", item_id, title)

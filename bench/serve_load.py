@@ -1,0 +1,157 @@
+"""Load test of the ranking endpoint: p50/p95/p99 latency, requests per second and errors.
+
+    OMP_NUM_THREADS=1 python bench/serve_load.py --artifacts artifacts/ml100k_mm
+    OMP_NUM_THREADS=1 python bench/serve_load.py --artifacts artifacts/ml100k_mm --synthetic-items 1000000
+
+The server runs as its own process on loopback (`python serve.py ...`); the client keeps exactly N
+requests in flight (N = 1, 8, 32) for `--seconds` each. /healthz, which does no work, is measured at
+each concurrency as the baseline: the ratio column is p99 over the baseline's p99 in the same run.
+The synthetic catalogue reuses the model parts of `--artifacts` with N clustered item vectors and an
+IVF index, and asks with session histories drawn from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import machine, markdown_table  # noqa: E402
+from bench.synthetic_catalogue import make_synthetic_artifacts  # noqa: E402
+from multimodal_rec.config import PROJECT_ROOT  # noqa: E402
+from multimodal_rec.embeddings import read_embeddings  # noqa: E402
+from multimodal_rec.training import write_json_atomic  # noqa: E402
+
+
+def start_server(artifacts: Path, index: str | None, log_dir: Path) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, str(PROJECT_ROOT / "serve.py"), f"artifacts={artifacts}", f"port={port}",
+               f"hydra.run.dir={log_dir}", "log_level=warning"]
+    if index:
+        command.append(f"index_name={index}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(log_dir / "server.log", "w") as log:  # the child keeps its own copy of the handle
+        server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"server exited: {(log_dir / 'server.log').read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return server, url
+        except httpx.HTTPError:
+            pass  # not listening yet
+        time.sleep(0.5)
+    server.kill()
+    raise RuntimeError("server did not become ready in 10 minutes")
+
+
+async def drive(url: str, method: str, path: str, payload, clients: int, seconds: float) -> dict:
+    """Keeps `clients` requests in flight for `seconds`; latencies of the requests that finished."""
+    latencies, errors = [], 0
+    stop = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+        async def worker():
+            nonlocal errors
+            while time.perf_counter() < stop:
+                started = time.perf_counter()
+                try:
+                    response = await client.request(method, path, json=payload() if payload else None)
+                    ok = response.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                latencies.append(time.perf_counter() - started)
+                errors += not ok
+
+        began = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        elapsed = time.perf_counter() - began
+    ms = np.asarray(latencies) * 1000
+    return {"requests": len(ms), "rps": len(ms) / elapsed, "p50 ms": float(np.percentile(ms, 50)),
+            "p95 ms": float(np.percentile(ms, 95)), "p99 ms": float(np.percentile(ms, 99)), "errors": errors}
+
+
+def run_catalogue(name: str, artifacts: Path, index: str | None, payloads: dict, clients: list[int],
+                  seconds: float, rows: list) -> None:
+    log_dir = Path(tempfile.mkdtemp(prefix="serve_load_"))
+    server, url = start_server(artifacts, index, log_dir)
+    try:
+        for _, (method, path, payload) in payloads.items():  # warm-up: first calls load lazily
+            for _ in range(5):
+                httpx.request(method, f"{url}{path}", json=payload() if payload else None, timeout=60)
+        for n in clients:
+            baseline = asyncio.run(drive(url, "GET", "/healthz", None, n, min(seconds, 5)))
+            for endpoint, (method, path, payload) in payloads.items():
+                result = asyncio.run(drive(url, method, path, payload, n, seconds))
+                result["p99 / healthz p99"] = result["p99 ms"] / baseline["p99 ms"]
+                rows.append({"catalogue": name, "endpoint": endpoint, "clients": n, **result})
+                print(f"  {name} {endpoint} x{n}: p99 {result['p99 ms']:.1f} ms, {result['rps']:.0f} req/s, "
+                      f"{result['errors']} errors", flush=True)
+            rows.append({"catalogue": name, "endpoint": "/healthz (baseline)", "clients": n, **baseline})
+    finally:
+        server.terminate()
+        server.wait(30)
+        shutil.rmtree(log_dir, ignore_errors=True)
+
+
+def payloads_for(artifacts: Path, by_user: bool, seed: int = 0) -> dict:
+    rng = random.Random(seed)
+    item_ids = [int(i) for i in read_embeddings(artifacts, "items", verify=False)[0]]
+    user_ids = [int(u) for u in read_embeddings(artifacts, "users", verify=False)[0]]
+
+    def who() -> dict:
+        return {"user_id": rng.choice(user_ids)} if by_user else {"history": rng.sample(item_ids, 5)}
+
+    return {
+        "/recommend k=10": ("POST", "/recommend", lambda: {**who(), "k": 10}),
+        "/rank 100 items": ("POST", "/rank", lambda: {**who(), "items": rng.sample(item_ids, 100)}),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--artifacts", type=Path, required=True, help="an export folder (python -m ...export)")
+    parser.add_argument("--index", default=None, help="index-<name> of the folder to serve with")
+    parser.add_argument("--synthetic-items", type=int, default=0, help="also a synthetic catalogue of this size")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "logs" / "bench" / "serve_load.json")
+    args = parser.parse_args()
+    rows: list[dict] = []
+    run_catalogue(args.artifacts.name, args.artifacts, args.index, payloads_for(args.artifacts, True), args.clients,
+                  args.seconds, rows)
+    if args.synthetic_items:
+        folder = Path(tempfile.mkdtemp(prefix="synthetic_catalogue_"))
+        try:
+            started = time.perf_counter()
+            make_synthetic_artifacts(args.artifacts, folder, args.synthetic_items, index="ivf")
+            print(f"synthetic catalogue of {args.synthetic_items} items + IVF index in "
+                  f"{time.perf_counter() - started:.0f} s", flush=True)
+            run_catalogue(f"synthetic {args.synthetic_items:,} items (IVF)", folder, "ivf",
+                          payloads_for(folder, False), args.clients, args.seconds, rows)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    columns = ("endpoint", "clients", "requests", "rps", "p50 ms", "p95 ms", "p99 ms", "errors", "p99 / healthz p99")
+    print(f"\nServing load ({machine()}, server OMP_NUM_THREADS=1, {args.seconds:.0f} s per row)\n")
+    print(markdown_table(rows, columns, first="catalogue"))
+    write_json_atomic(args.out, {"machine": machine(), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
