@@ -9,12 +9,13 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from multimodal_rec.data.features import ItemFeatures, UserFeatures, build_item_features, build_user_features
 from multimodal_rec.data.schema import MANIFEST_FILE, CanonicalDataset, load_dataset
 from multimodal_rec.data.sequences import EvalRows, TrainWindows, collate_eval
 from multimodal_rec.data.splits import Split, build_split
+from multimodal_rec.distributed import EvalShardSampler, file_lock, rank_and_world_size
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +56,19 @@ class RecDataModule(pl.LightningDataModule):
         self.user_features: UserFeatures | None = None
 
     def prepare_data(self) -> None:
-        """Writes the canonical dataset from `source` when the processed folder is not there yet."""
+        """Writes the canonical dataset from `source` when the processed folder is not there yet. Processes
+        started together (torchrun, srun) take turns under a file lock: the first prepares, the rest find it."""
         if (self.processed_dir / MANIFEST_FILE).is_file():
             return
         if self.source is None:
             raise FileNotFoundError(f"{self.processed_dir} is not a prepared dataset and no source is configured")
         from multimodal_rec.data.prepare import prepare
 
-        log.info("preparing %s into %s", self.name, self.processed_dir)
-        prepare(self.source, self.processed_dir)
+        with file_lock(self.processed_dir.parent / f".{self.processed_dir.name}.lock"):
+            if (self.processed_dir / MANIFEST_FILE).is_file():
+                return
+            log.info("preparing %s into %s", self.name, self.processed_dir)
+            prepare(self.source, self.processed_dir)
 
     def setup(self, stage: str | None = None) -> None:
         if self.split is not None:
@@ -86,11 +91,20 @@ class RecDataModule(pl.LightningDataModule):
         assert self.dataset is not None, "call setup() first"
         return f"{self.dataset.fingerprint}-cold{self.cold_item_fraction}-seed{self.seed}"
 
-    def _loader(self, dataset, batch_size: int, shuffle: bool, collate=None) -> DataLoader:
+    def rank_and_world_size(self) -> tuple[int, int]:
+        """(rank, number of processes) of the attached Trainer, else of torch.distributed, else (0, 1)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return trainer.global_rank, trainer.world_size
+        return rank_and_world_size()
+
+    def _loader(self, dataset, batch_size: int, shuffle: bool = False, collate=None,
+                sampler: Sampler | None = None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=collate,
             generator=torch.Generator().manual_seed(self.seed),
@@ -99,10 +113,27 @@ class RecDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, shuffle=True)
+        """Shuffled windows; with several processes each rank gets its own shard (`batch_size` per rank),
+        reshuffled every epoch (Lightning calls the sampler's `set_epoch`)."""
+        rank, world_size = self.rank_and_world_size()
+        if world_size == 1:
+            return self._loader(self.train_set, self.batch_size, shuffle=True)
+        sampler = DistributedSampler(self.train_set, num_replicas=world_size, rank=rank, shuffle=True,
+                                     seed=self.seed)
+        return self._loader(self.train_set, self.batch_size, sampler=sampler)
 
     def eval_dataloader(self, stage: str) -> DataLoader:
-        return self._loader(self.eval_sets[stage], self.eval_batch_size, shuffle=False, collate=collate_eval)
+        """Users in order; with several processes each rank gets a contiguous, unpadded slice, so that over
+        all ranks every user is evaluated exactly once (the model sums the metric states across ranks)."""
+        rows = self.eval_sets[stage]
+        rank, world_size = self.rank_and_world_size()
+        if world_size == 1:
+            return self._loader(rows, self.eval_batch_size, collate=collate_eval)
+        if stage in ("val", "test") and len(rows) < world_size:
+            # a rank without a single batch skips the evaluation loop and never joins the metric sync
+            raise ValueError(f"the {stage} set has {len(rows)} users, fewer than the {world_size} processes")
+        return self._loader(rows, self.eval_batch_size, collate=collate_eval,
+                            sampler=EvalShardSampler(rows, world_size, rank))
 
     def val_dataloader(self) -> DataLoader:
         return self.eval_dataloader("val")

@@ -10,7 +10,9 @@ rank r among the remaining candidates:
 all averaged over users. Ties are pessimistic: r = number of non-excluded other items whose score is
 >= the target's, so a constant scorer gets the worst rank. NaN scores of other items count as -inf; a
 NaN target score is an error. Top-K lists break ties by lower item index (deterministic coverage).
-Results do not depend on how users are batched: ranks are accumulated as an integer histogram.
+Results do not depend on how users are batched: ranks are accumulated as an integer histogram, so the
+states of evaluators that saw disjoint users (the ranks of a distributed run) add up exactly
+(`merge`, `all_reduce_evaluators`).
 
 For click-style predictions of the ranking network: :func:`auc` (Mann-Whitney, ties count 1/2),
 :func:`log_loss` (probabilities) and :func:`log_loss_with_logits`.
@@ -24,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from .ranking import (
@@ -37,7 +40,7 @@ from .ranking import (
     topk_masks,
 )
 
-__all__ = ["DEFAULT_KS", "RankingEvaluator", "auc", "evaluate_scores", "log_loss",
+__all__ = ["DEFAULT_KS", "RankingEvaluator", "all_reduce_evaluators", "auc", "evaluate_scores", "log_loss",
            "log_loss_with_logits", "target_ranks"]
 
 DEFAULT_KS: tuple[int, ...] = (10, 20)
@@ -120,6 +123,57 @@ class RankingEvaluator:
             out[f"coverage@{k}"] = float(self.covered[k].sum()) / self.n_items
         out["n_users"] = float(n)
         return out
+
+    # ---- combining shards: users split over processes (or batches of work) -------------------------------
+    def state(self) -> Tensor:
+        """The whole state as one int64 vector: [n_users, rank histogram (Kmax,), coverage flags (len(ks) * N,)].
+
+        States of evaluators that saw disjoint sets of users add up to the state of one that saw them all
+        (coverage flags become counts; any count > 0 means covered)."""
+        covered = torch.cat([self.covered[k].long() for k in self.ks])
+        return torch.cat([torch.tensor([self.n_users]), self.rank_counts, covered])
+
+    def load_state(self, state: Tensor) -> None:
+        """Inverse of `state()`; accepts summed states."""
+        state = torch.as_tensor(state).to("cpu", torch.long)
+        if state.shape != (self._state_size(),):
+            raise ValueError(f"state has shape {tuple(state.shape)}, expected ({self._state_size()},) for "
+                             f"n_items={self.n_items}, ks={self.ks}")
+        self.n_users = int(state[0])
+        self.rank_counts = state[1:1 + self.kmax].clone()
+        flags = state[1 + self.kmax:].view(len(self.ks), self.n_items) > 0
+        self.covered = {k: flags[i].clone() for i, k in enumerate(self.ks)}
+
+    def _state_size(self) -> int:
+        return 1 + self.kmax + len(self.ks) * self.n_items
+
+    def merge(self, other: RankingEvaluator) -> RankingEvaluator:
+        """Adds the users another evaluator (same n_items and ks) has seen; returns self."""
+        if (other.n_items, other.ks) != (self.n_items, self.ks):
+            raise ValueError(f"cannot merge an evaluator of n_items={other.n_items}, ks={other.ks} into one of "
+                             f"n_items={self.n_items}, ks={self.ks}")
+        self.load_state(self.state() + other.state())
+        return self
+
+
+def all_reduce_evaluators(evaluators: Sequence[RankingEvaluator], device: torch.device | str | None = None,
+                          group: Any = None) -> bool:
+    """Sums the evaluators' states over all processes of torch.distributed, in one collective call.
+
+    Every process must call it with evaluators of the same n_items/ks, in the same order; afterwards each
+    process holds the states of all users of all processes, so `compute()` gives the same global metrics
+    everywhere. `device` must suit the backend (CUDA for NCCL). Returns False (and does nothing) when
+    torch.distributed is not initialised or has a single process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1 or not evaluators:
+        return False
+    if device is None:
+        device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend(group) == "nccl" else "cpu"
+    states = [e.state() for e in evaluators]
+    flat = torch.cat(states).to(device)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    for evaluator, state in zip(evaluators, flat.cpu().split([len(s) for s in states])):
+        evaluator.load_state(state)
+    return True
 
 
 def evaluate_scores(scores: Tensor, targets: Tensor, exclude_rows: Tensor | None = None,

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from multimodal_rec.data.sequences import IGNORE_TARGET
-from multimodal_rec.evaluation.metrics import RankingEvaluator
+from multimodal_rec.distributed import broadcast_running_stats
+from multimodal_rec.evaluation.metrics import RankingEvaluator, all_reduce_evaluators
 
 if TYPE_CHECKING:
     from multimodal_rec.models.encoders_setup import EncoderBundle
@@ -150,6 +151,9 @@ class MultimodalRecommender(pl.LightningModule):
         return out
 
     def _start_eval(self, stages: list[str]) -> None:
+        """Under DDP each rank evaluates its own slice of the users (the DataModule's eval shards), with rank
+        0's normalisation statistics (the model rank 0 checkpoints); `_end_eval` sums the states."""
+        broadcast_running_stats(self)
         self._all_items = self.all_item_vectors()
         self.evaluators = {f"{stage}{suffix}": RankingEvaluator(self.n_items, self.ks)
                            for stage in stages for suffix in ("", "/retrieval")}
@@ -162,6 +166,9 @@ class MultimodalRecommender(pl.LightningModule):
         self.evaluators[f"{stage}/retrieval"].update(scores["retrieval"], *args)
 
     def _end_eval(self) -> dict[str, float]:
+        # every rank saw a disjoint slice of the users: after the sum, every rank computes the same global
+        # metrics over all users, each counted once (so ModelCheckpoint/EarlyStopping agree on all ranks)
+        all_reduce_evaluators(list(self.evaluators.values()), device=self.device)
         logged = {}
         for name, evaluator in self.evaluators.items():
             metrics = evaluator.compute()
@@ -171,9 +178,13 @@ class MultimodalRecommender(pl.LightningModule):
             for metric, value in metrics.items():
                 if metric != "n_users":
                     logged[f"{stage}/{variant + '_' if variant else ''}{metric}"] = value
+                elif not variant:
+                    logged[f"{stage}/n_users"] = value
         headline = {k: v for k, v in logged.items() if k.endswith("/ndcg@10")}
-        self.log_dict(headline, prog_bar=True)
-        self.log_dict({k: v for k, v in logged.items() if k not in headline})
+        # the values are already global and equal on all ranks; "max" of equal values leaves them exact and
+        # keeps Lightning from warning that epoch-level values are not synced
+        self.log_dict(headline, prog_bar=True, sync_dist=True, reduce_fx="max")
+        self.log_dict({k: v for k, v in logged.items() if k not in headline}, sync_dist=True, reduce_fx="max")
         self._all_items = None
         return logged
 
@@ -200,6 +211,7 @@ class MultimodalRecommender(pl.LightningModule):
         checkpoint["multimodal_rec"] = {
             "config": self.run_config, "data_fingerprint": self.data_fingerprint, "n_items": self.n_items,
             "dim": self.hparams.dim, "metric": "cosine", "normalised": True,
+            "world_size": self._trainer.world_size if self._trainer is not None else 1,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
