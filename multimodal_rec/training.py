@@ -49,6 +49,7 @@ def train(cfg: DictConfig) -> dict:
         "data": datamodule.name,
         "data_fingerprint": datamodule.fingerprint,
     }
-    write_json_atomic(Path(cfg.paths.output_dir) / "metrics.json", result)
+    if trainer.is_global_zero:  # under DDP every rank has the same (synced) metrics: one writes them
+        write_json_atomic(Path(cfg.paths.output_dir) / "metrics.json", result)
     log.info("metrics: %s", json.dumps(metrics, indent=1))
     return result

@@ -70,7 +70,10 @@ def image_features(encoder: nn.Module, items: ItemFeatures, size: int, batch_siz
     encoder = encoder.to(device).eval()
     features = torch.zeros(len(items.image_refs), encoder.out_dim, dtype=torch.float16)
     ok = torch.zeros(len(items.image_refs), dtype=torch.bool)
+    # its own generator: a cache hit or miss must not change the global random state (random-init encoders
+    # built next would differ between runs, or between DDP ranks)
     loader = DataLoader(ItemImages(items.image_refs, items.root, size), batch_size=batch_size,
+                        generator=torch.Generator().manual_seed(0),
                         num_workers=num_workers)
     for batch in tqdm(loader, desc="encoding images (frozen, cached)", unit="batch", mininterval=2):
         features[batch["index"]] = encoder(batch["pixels"].to(device)).float().cpu().half()
