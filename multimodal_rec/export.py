@@ -1,6 +1,6 @@
 """Checkpoint -> item and user embeddings (Parquet shards + manifest) and the parts serving needs.
 
-    python -m multimodal_rec.export ckpt_path=<run>/checkpoints/best.ckpt out=artifacts/ml100k_mm
+    python -m multimodal_rec.export ckpt_path=<checkpoint or run folder> out=artifacts/ml100k_mm
     torchrun --nproc-per-node 2 -m multimodal_rec.export ckpt_path=... out=...   # ranks split the shards
 
 Items: the whole catalogue, cold-start items included (encoded from content). Users: every user,
@@ -66,7 +66,8 @@ class Exporter:
     """Writes the shards a rank owns (shard i belongs to rank i % world_size) and, on rank 0, the manifest."""
 
     def __init__(self, model, datamodule, checkpoint_sha256: str, out: str | Path, shard_size: int = 50_000,
-                 batch_size: int = 1024, dtype: str = "float32", rank: int = 0, world_size: int = 1):
+                 batch_size: int = 1024, dtype: str = "float32", rank: int = 0, world_size: int = 1,
+                 checkpoint_path: str = ""):
         if dtype not in ("float32", "float16"):
             raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
         if shard_size < 1 or batch_size < 1:
@@ -74,7 +75,7 @@ class Exporter:
         self.model, self.datamodule, self.out = model, datamodule, Path(out)
         self.split = datamodule.split
         self.shard_size, self.batch_size, self.dtype = shard_size, batch_size, dtype
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.checkpoint_path = rank, world_size, str(checkpoint_path)
         self.settings = {"checkpoint_sha256": checkpoint_sha256, "data_fingerprint": datamodule.fingerprint,
                          "dim": int(model.hparams.dim), "dtype": dtype, "shard_size": shard_size,
                          "max_len": datamodule.max_len}
@@ -127,7 +128,8 @@ class Exporter:
             raise emb.EmbeddingsError(f"export incomplete: {len(missing)} shards missing (e.g. {missing[0]}); "
                                       "run the same command again to finish it")
         manifest = {
-            "format": emb.FORMAT, **self.settings, "metric": "inner_product", "normalised": True,
+            "format": emb.FORMAT, **self.settings, "checkpoint": self.checkpoint_path,
+            "metric": "inner_product", "normalised": True,
             "data": self.datamodule.name, "counts": {k: int(len(v)) for k, v in self.ids.items()},
             "shards": {k: [done[emb.shard_name(k, n)] for kk, n in plan if kk == k] for k in ("items", "users")},
             "world_size": self.world_size, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -161,7 +163,7 @@ def _distributed() -> tuple[int, int]:
 
 
 def export(cfg: DictConfig) -> dict | None:
-    from multimodal_rec.models.loading import restore_model
+    from multimodal_rec.models.loading import resolve_checkpoint, restore_model
     from multimodal_rec.serving.parts import write_serving_parts
 
     rank, world_size = _distributed()
@@ -169,9 +171,10 @@ def export(cfg: DictConfig) -> dict | None:
     if device == "cuda" and world_size > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
     overrides = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else None
-    model, datamodule, _ = restore_model(cfg.ckpt_path, overrides, device)
+    checkpoint = resolve_checkpoint(cfg.ckpt_path)
+    model, datamodule, _ = restore_model(checkpoint, overrides, device)
     manifest_path = Path(cfg.out) / emb.MANIFEST_FILE
-    checkpoint_sha = emb.sha256_file(cfg.ckpt_path)
+    checkpoint_sha = emb.sha256_file(checkpoint)
     if manifest_path.is_file():
         if emb.load_json(manifest_path).get("checkpoint_sha256") == checkpoint_sha:
             log.info("%s already holds a complete export of this checkpoint", cfg.out)
@@ -186,7 +189,7 @@ def export(cfg: DictConfig) -> dict | None:
         if rank == 0:
             manifest_path.unlink()  # first, so the folder never looks complete while shards change
     exporter = Exporter(model, datamodule, checkpoint_sha, cfg.out, cfg.shard_size, cfg.batch_size, cfg.dtype,
-                        rank, world_size)
+                        rank, world_size, checkpoint)
     manifest = exporter.run()
     if manifest is not None and cfg.serving_parts:
         write_serving_parts(model, datamodule, cfg.out, manifest)

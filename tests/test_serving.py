@@ -10,6 +10,7 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import pandas as pd
 import pytest
 import uvicorn
@@ -167,7 +168,8 @@ def test_other_bad_inputs(live):
         b"\x89PNG\r\n\x1a\n broken").decode()})
     assert corrupt.status_code == 422 and "image cannot be decoded" in corrupt.text
     assert client.post("/items", json={"item_id": 888002, "title": "x", "image_base64": "%%%"}).status_code == 422
-    assert client.post("/items", json={"item_id": 888003, "title": "x", "attributes": {"price": "cheap"}}).status_code == 422
+    cheap = client.post("/items", json={"item_id": 888003, "title": "x", "attributes": {"price": "cheap"}})
+    assert cheap.status_code == 422 and "must be a number" in cheap.text
     assert client.get("/healthz").status_code == 200  # still up
 
 
@@ -193,3 +195,32 @@ def test_reload_swaps_atomically_and_refuses_bad_artifacts(live, tmp_path):
     assert reloaded.status_code == 200 and reloaded.json()["loaded_at"] > before["loaded_at"]
     assert errors == []
     assert reloaded.json()["items"] == 200  # as exported: items added at run time live until a reload
+
+
+def test_filters_reach_items_an_approximate_index_misses(tiny_artifacts):
+    """An ANN index may never return some items for a query: a strict filter then falls back to exact scoring."""
+    from multimodal_rec.serving import engine
+
+    service = RecommenderService(tiny_artifacts)
+    artifacts = service.artifacts
+    exact_index = artifacts.index
+
+    category = str(artifacts.catalog["category"].iat[120])
+    in_category = artifacts.catalog["category"].astype(str) == category
+    unreachable = artifacts.item_ids[in_category.to_numpy()]
+
+    class Myopic:  # never returns the filtered category, like an HNSW graph that a query cannot leave
+        manifest, ntotal = {"name": "myopic"}, exact_index.ntotal
+
+        def search(self, queries, k):
+            scores, ids = exact_index.search(queries, exact_index.ntotal)
+            seen = ~np.isin(ids, unreachable)
+            return scores[seen][None, :k], ids[seen][None, :k]
+
+    artifacts.index = Myopic()
+    wanted = int(in_category.sum())
+    query = engine.build_query(artifacts, int(artifacts.user_ids[0]), None, None, None)
+    answer = engine.recommend(artifacts, query, 5, {"category": category}, exclude_seen=False)
+    assert len(answer["items"]) == min(5, wanted)
+    assert all(artifacts.catalog.set_index("item_id").loc[i["item_id"], "category"] == category
+               for i in answer["items"])

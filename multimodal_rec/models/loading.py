@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -19,8 +20,25 @@ class CheckpointError(EmbeddingsError):
     """A checkpoint that cannot be used: missing, unreadable, or not one of ours."""
 
 
-def read_checkpoint(path: str | Path) -> dict:
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a training run folder: then its best checkpoint (named in metrics.json)."""
     path = Path(path)
+    if path.is_dir():
+        metrics = path / "metrics.json"
+        if metrics.is_file():
+            best = json.loads(metrics.read_text()).get("best_checkpoint")
+            if best and Path(best).is_file():
+                return Path(best)
+        candidates = sorted((path / "checkpoints").glob("epoch_*.ckpt"))
+        if len(candidates) == 1:
+            return candidates[0]
+        raise CheckpointError(f"{path} is a folder without one best checkpoint (metrics.json names none and "
+                              f"checkpoints/ holds {len(candidates)} epoch_*.ckpt); give the file")
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    path = resolve_checkpoint(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:

@@ -82,23 +82,35 @@ def build_query(artifacts: Artifacts, user_id: int | None, history: list[int] | 
 
 def _retrieve(artifacts: Artifacts, query: Query, want: int, allowed: np.ndarray | None,
               excluded: set) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, retrieval scores) of the best `want` items passing the filters, best first."""
-    fetch = min(max(2 * want + len(excluded), 64), artifacts.index.ntotal)
+    """(rows, retrieval scores) of the best `want` items passing the filters, best first.
+
+    Asks the index for more candidates until enough pass; an approximate index may never reach some
+    items (an HNSW graph from one query), so past MAX_FETCH (or the whole catalogue) the items that pass
+    are scored exactly."""
+    ntotal = artifacts.index.ntotal
+    fetch = min(max(2 * want + len(excluded), 64), ntotal)
     while True:
         with artifacts.lock:
             scores, ids = artifacts.index.search(query.vector[None, :], fetch)
-        rows, _ = artifacts.rows(ids[0][ids[0] >= 0])
-        scores = scores[0][ids[0] >= 0][: len(rows)]
+        found = ids[0] >= 0
+        rows, _ = artifacts.rows(ids[0][found])
+        scores = scores[0][found]
         keep = np.array([r not in excluded and (allowed is None or allowed[r]) for r in rows], dtype=bool)
-        if keep.sum() >= want or fetch >= artifacts.index.ntotal:
+        if keep.sum() >= want:
             return rows[keep][:want], scores[keep][:want]
-        if fetch >= MAX_FETCH:  # a strict filter: score the items that pass it exactly
-            candidates = np.flatnonzero(allowed if allowed is not None else np.ones(len(artifacts.item_ids), bool))
-            candidates = candidates[[c not in excluded for c in candidates]] if excluded else candidates
-            exact = artifacts.item_vectors[candidates] @ query.vector
-            order = np.argsort(-exact, kind="stable")[:want]
-            return candidates[order], exact[order]
-        fetch = min(fetch * 4, artifacts.index.ntotal)
+        if fetch >= min(MAX_FETCH, ntotal):
+            return _exact(artifacts, query, want, allowed, excluded)
+        fetch = min(fetch * 4, ntotal)
+
+
+def _exact(artifacts: Artifacts, query: Query, want: int, allowed: np.ndarray | None,
+           excluded: set) -> tuple[np.ndarray, np.ndarray]:
+    candidates = np.flatnonzero(allowed) if allowed is not None else np.arange(len(artifacts.item_vectors))
+    if excluded:
+        candidates = candidates[~np.isin(candidates, np.fromiter(excluded, dtype=np.int64))]
+    exact = artifacts.item_vectors[candidates] @ query.vector
+    order = np.argsort(-exact, kind="stable")[:want]
+    return candidates[order], exact[order]
 
 
 @torch.no_grad()
