@@ -1,0 +1,149 @@
+"""Export: embeddings equal the model's own scoring, a killed export resumes, bad folders are refused."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from multimodal_rec import embeddings as emb
+from multimodal_rec.export import Exporter, export, user_batch
+from multimodal_rec.index import build_index, load_index
+from multimodal_rec.models.loading import CheckpointError, resolve_checkpoint, restore_model
+from multimodal_rec.serving.artifacts import ArtifactsError, load_artifacts
+from tests.conftest import export_config
+
+
+def test_manifest_describes_the_export(tiny_artifacts):
+    manifest = emb.load_manifest(tiny_artifacts)
+    assert manifest["counts"] == {"items": 200, "users": 100}
+    assert manifest["dim"] == 64 and manifest["metric"] == "inner_product" and manifest["normalised"]
+    ids, vectors = emb.read_embeddings(tiny_artifacts, "items")
+    assert len(ids) == 200 and vectors.dtype == np.float32
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert len(manifest["shards"]["items"]) == 4  # 200 items in shards of 64
+    assert not (tiny_artifacts / emb.PROGRESS_FILE).exists()
+
+
+def test_flat_index_returns_the_models_own_top_k(tiny_checkpoint, tiny_artifacts, tmp_path):
+    build_index(tiny_artifacts, "flat", tmp_path / "flat")
+    index = load_index(tmp_path / "flat")
+    model, datamodule, _ = restore_model(tiny_checkpoint)
+    users = np.arange(datamodule.split.n_users)
+    batch = user_batch(datamodule.split, users, datamodule.max_len, model.pad)
+    with torch.no_grad():  # the model's own full-catalogue scoring, through its evaluation path
+        scores = model.score_batch(batch, model.all_item_vectors())["retrieval"].numpy()
+    user_ids, user_vectors = emb.read_embeddings(tiny_artifacts, "users")
+    assert np.array_equal(user_ids, datamodule.dataset.users["user_id"].to_numpy())
+    found_scores, found = index.search(user_vectors, 10)
+    item_ids = datamodule.dataset.items["item_id"].to_numpy()
+    expected = np.argsort(-scores, axis=1, kind="stable")[:, :10]
+    assert np.allclose(found_scores, np.take_along_axis(scores, expected, 1), atol=1e-5)
+    gaps = np.diff(np.sort(scores, axis=1)[:, ::-1][:, :11], axis=1)
+    clear = (np.abs(gaps) > 1e-5).all(axis=1)  # users without near-ties in their top 11
+    assert clear.mean() > 0.8
+    assert np.array_equal(found[clear], item_ids[expected[clear]])
+
+
+def test_killed_export_resumes_and_equals_a_clean_one(tiny_checkpoint, tiny_artifacts, tmp_path, monkeypatch):
+    model, datamodule, _ = restore_model(tiny_checkpoint)
+    out = tmp_path / "resumed"
+    real_write, calls = emb.write_shard, []
+
+    def crash_after_three(*args, **kwargs):
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        calls.append(args[2])
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(emb, "write_shard", crash_after_three)
+    exporter = Exporter(model, datamodule, "sha-of-the-checkpoint", out, shard_size=64, batch_size=32)
+    with pytest.raises(KeyboardInterrupt):
+        exporter.run()
+    assert not (out / emb.MANIFEST_FILE).exists() and (out / emb.PROGRESS_FILE).exists()
+    with pytest.raises(emb.EmbeddingsError, match="did not finish"):
+        emb.load_manifest(out)
+    assert not list(out.rglob("*.tmp"))  # nothing half-written is left behind
+    monkeypatch.setattr(emb, "write_shard", real_write)
+    written = []
+    monkeypatch.setattr(emb, "write_shard", lambda *a, **k: written.append(a[1:3]) or real_write(*a, **k))
+    manifest = Exporter(model, datamodule, "sha-of-the-checkpoint", out, shard_size=64, batch_size=32).run()
+    assert written == [("items", 3), ("users", 0), ("users", 1)]  # only the shards that were missing
+    for kind in ("items", "users"):
+        ids, vectors = emb.read_embeddings(out, kind)
+        clean_ids, clean_vectors = emb.read_embeddings(tiny_artifacts, kind)
+        assert np.array_equal(ids, clean_ids) and np.allclose(vectors, clean_vectors, atol=1e-6)
+    assert manifest["counts"] == {"items": 200, "users": 100}
+
+
+def test_other_settings_are_not_mixed_into_a_partial_export(tiny_checkpoint, tmp_path):
+    model, datamodule, _ = restore_model(tiny_checkpoint)
+    out = tmp_path / "partial"
+    emb.write_json_atomic(out / emb.PROGRESS_FILE, {"settings": {"dtype": "float16"}, "shards": []})
+    with pytest.raises(emb.EmbeddingsError, match="other settings"):
+        Exporter(model, datamodule, "sha", out).run()
+
+
+def test_float16_export_reads_back_as_float32(tiny_checkpoint, tiny_artifacts, tmp_path):
+    export(export_config(tiny_checkpoint, tmp_path / "half", dtype="float16", serving_parts=False))
+    ids, vectors = emb.read_embeddings(tmp_path / "half", "items")
+    _, full = emb.read_embeddings(tiny_artifacts, "items")
+    assert vectors.dtype == np.float32 and np.allclose(vectors, full, atol=2e-3)
+
+
+def test_corrupt_or_mismatched_artifacts_are_refused(tiny_artifacts, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_artifacts, copy)
+    shard = copy / emb.shard_name("items", 1)
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(emb.EmbeddingsError, match="corrupt"):
+        emb.read_embeddings(copy, "items")
+    shutil.rmtree(copy)
+    shutil.copytree(tiny_artifacts, copy)
+    build_index(copy, "flat", copy / "index-flat")
+    manifest = emb.load_json(copy / emb.MANIFEST_FILE)
+    manifest["data_fingerprint"] = "other-data"
+    emb.write_json_atomic(copy / emb.MANIFEST_FILE, manifest)
+    with pytest.raises(ArtifactsError, match="data_fingerprint"):
+        load_artifacts(copy)
+
+
+def test_a_run_folder_names_its_best_checkpoint(tiny_checkpoint):
+    best = resolve_checkpoint(tiny_checkpoint.parents[1])
+    assert best.is_file() and best.name.startswith("epoch_") and best.parent == tiny_checkpoint.parent
+
+
+def test_bad_checkpoints_are_refused_clearly(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        restore_model(tmp_path / "missing.ckpt")
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        restore_model(tmp_path / "junk.ckpt")
+
+
+@pytest.mark.slow
+def test_two_rank_export_equals_the_single_process_one(tiny_checkpoint, tiny_artifacts, tmp_path):
+    """torchrun with 2 gloo ranks: each writes its own shards, rank 0 ties them together in the manifest."""
+    out = tmp_path / "sharded"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(_free_port()), "-m", "multimodal_rec.export", f"ckpt_path={tiny_checkpoint}", f"out={out}",
+               "shard_size=64", "batch_size=32", "device=cpu", f"hydra.run.dir={tmp_path / 'logs'}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    sharded, single = emb.load_manifest(out), emb.load_manifest(tiny_artifacts)
+    assert sharded["world_size"] == 2 and sharded["counts"] == single["counts"]
+    assert sharded["shards"] == single["shards"]  # same files, byte for byte (sha256 in each entry)
+    assert not list(out.glob("progress*.json"))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
