@@ -17,6 +17,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import torch
 from common import machine, markdown_table
 
 from multimodal_rec.embeddings import FORMAT, read_embeddings, write_json_atomic, write_shard
@@ -115,6 +116,7 @@ def main() -> None:
     parser.add_argument("--types", nargs="+", default=list(TYPES), choices=TYPES)
     parser.add_argument("--threads", type=int, default=None, help="FAISS threads (default: OMP_NUM_THREADS)")
     parser.add_argument("--real", type=Path, help="an embeddings folder (export) to benchmark as well")
+    parser.add_argument("--checkpoint", type=Path, help="a checkpoint (or run folder): also measure export throughput")
     parser.add_argument("--work", type=Path, help="where to write embeddings and indexes (default: a temp folder)")
     parser.add_argument("--out", default=Path("logs/bench/index"), type=Path)
     parser.add_argument("--seed", type=int, default=0)
@@ -144,6 +146,13 @@ def main() -> None:
     for label in dict.fromkeys(row["data"] for row in rows):
         print(f"\n{label} items:\n")
         print(markdown_table([r for r in rows if r["data"] == label], COLUMNS, first="index"))
+    if args.checkpoint:
+        from export_speed import export_throughput
+
+        speed = export_throughput(args.checkpoint)
+        print(f"\nExport throughput of the item tower ({args.checkpoint}, {torch.get_num_threads()} torch threads)\n")
+        print(markdown_table(speed, ("seconds", "vectors/s", "x raw"), first="path"))
+        rows += [{"data": "export", **row} for row in speed]
     args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out / "index.json", rows)
     print(f"\nrows written to {args.out / 'index.json'}")
