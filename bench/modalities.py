@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 from pathlib import Path
 
 from common import add_rows, data_overrides, print_tables, train_config
@@ -33,7 +34,7 @@ def main() -> None:
     base = data_overrides(args.data)
     rows = {"test": [], "test_cold": []}
     for name, overrides in VARIANTS.items():
-        slug = name.split()[0].replace("+", "plus").lower()
+        slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")  # one run folder per variant
         result = train_config(args.out / slug, [*base, *overrides, *args.overrides])
         outcome = train(result)
         add_rows(rows, name, outcome["metrics"], epochs=outcome["epochs"], seconds=outcome["seconds"])

@@ -49,7 +49,7 @@ def _tower_inputs(batch: int, n_items: int) -> dict:
 
 
 def test_item_tower_handles_missing_modalities_and_unknown_items():
-    for fusion in ("gated", "concat"):
+    for fusion in ("gated", "concat", "residual"):
         tower = ItemTower(8, n_items=10, image_dim=16, text_dim=12, categorical_sizes=(3, 3), n_multi=4,
                           n_numeric=1, fusion=fusion).eval()
         inputs = _tower_inputs(4, 10)
@@ -61,6 +61,25 @@ def test_item_tower_handles_missing_modalities_and_unknown_items():
         assert not torch.allclose(tower(changed)[0], out[0])
     text_only = ItemTower(8, n_items=10, text_dim=12, modalities=("text",))
     assert text_only(_tower_inputs(2, 10)).shape == (2, 8)
+
+
+def test_residual_fusion_adds_content_to_the_id_vector_at_its_scale():
+    torch.manual_seed(0)
+    tower = ItemTower(16, n_items=10, image_dim=16, text_dim=12, categorical_sizes=(3, 3), n_multi=4, n_numeric=1,
+                      fusion="residual", dropout=0.0).eval()
+    captured = []
+    tower.fusion.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    inputs = _tower_inputs(4, 10)
+    out = tower(inputs)
+    parts = captured[0]  # (B, M, d): id, image, text, attributes
+    fused = parts.sum(-2)
+    torch.testing.assert_close(out, fused + tower.fusion.mlp(fused))
+    # every modality starts at the scale of the ID embedding, so none drowns the others
+    scales = parts[:2].std(dim=(0, 2))
+    assert (scales < 0.1).all() and (scales > 0.002).all(), scales
+    # an unseen item is its content plus the learned unknown-ID vector
+    unseen = dict(inputs, known=torch.zeros(4, dtype=torch.bool))
+    assert torch.isfinite(tower(unseen)).all() and not torch.allclose(tower(unseen), out)
 
 
 def test_history_encoder_padding_is_exactly_masked():
