@@ -54,6 +54,7 @@ class MultimodalRecommender(pl.LightningModule):
         self.test_stages = ["test"]  # the DataModule's test dataloaders, in order (+ "test_cold")
         self.evaluators: dict[str, RankingEvaluator] = {}
         self._all_items: torch.Tensor | None = None
+        self._negative_generator: torch.Generator | None = None  # set per rank in on_fit_start
 
     # ---- towers ---------------------------------------------------------------------------------------
     def item_vectors(self, index: torch.Tensor) -> torch.Tensor:
@@ -78,11 +79,17 @@ class MultimodalRecommender(pl.LightningModule):
         return F.normalize(self.history_encoder(vectors, mask, profile, context_hour), dim=-1)
 
     # ---- training -------------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        # Lightning seeds every DDP rank alike; a generator per rank keeps their negatives different
+        self._negative_generator = torch.Generator(device=self.device)
+        self._negative_generator.manual_seed(torch.initial_seed() + self.global_rank)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         history, targets = batch["history"], batch["targets"]  # (B, L) each
         valid = targets != IGNORE_TARGET
         positives = targets[valid]  # (P,)
-        draws = torch.randint(0, len(self.negative_pool), (self.hparams.num_negatives,), device=self.device)
+        draws = torch.randint(0, len(self.negative_pool), (self.hparams.num_negatives,), device=self.device,
+                              generator=self._negative_generator)
         negatives = self.negative_pool[draws]
         pool, inverse = torch.unique(torch.cat([history.flatten(), positives, negatives]), return_inverse=True)
         pool_vectors = self.item_vectors(pool)  # (U, d)
