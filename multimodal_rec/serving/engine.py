@@ -138,9 +138,9 @@ def reasons(artifacts: Artifacts, query: Query, rows: np.ndarray) -> list[dict]:
         b = artifacts.modality_parts[rows].astype(np.float32)
         cosines = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-8)  # (C, M)
     out = []
-    best = similarity.max(1).round(4).tolist()
+    best = similarity.max(1).astype(np.float64).round(4).tolist()  # float64 first: no 0.66850000619 in JSON
     drivers = cosines.argmax(1).tolist() if cosines is not None else None
-    cosines = cosines.round(4).tolist() if cosines is not None else None
+    cosines = cosines.astype(np.float64).round(4).tolist() if cosines is not None else None
     for position, anchor in enumerate(anchors.tolist()):
         title = str(artifacts.titles[anchor])
         reason = {"kind": "history", "because_of": int(artifacts.item_ids[anchor]), "because_of_title": title,
