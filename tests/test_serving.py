@@ -149,6 +149,8 @@ def test_health_metrics_and_docs(live):
     (b'{"user_id": 1, "surprise": true}', 422, "Extra inputs"),
     (b'{"history": [' + b",".join([b"1"] * 1001) + b"]}", 422, "at most 1000"),
     (b'{"history": [1], "context": {"hour": 25}}', 422, "less than or equal to 23"),
+    (b'{"profile": {"age": "old"}}', 422, "must be a number"),
+    (b'{"profile": {"shoe_size": 42}}', 422, "unknown profile attribute"),
 ])
 def test_bad_recommend_requests_get_clear_4xx(live, body, status, says):
     client, _ = live

@@ -38,6 +38,10 @@ def _profile_codes(artifacts: Artifacts, profile: dict | None, base: dict | None
             categorical[0, list(vocab["user_categorical"]).index(column)] = position
         elif column in vocab["user_numeric"]:
             reference = vocab["user_numeric"][column]
+            try:
+                value = float(value)
+            except ValueError as error:
+                raise RequestError(422, f"profile attribute {column!r} must be a number, got {value!r}") from error
             pct = (np.searchsorted(reference, value, "left") + np.searchsorted(reference, value, "right") + 1) / (
                 2 * max(len(reference), 1))
             numeric[0, list(vocab["user_numeric"]).index(column)] = float((pct - 0.5) * np.sqrt(12.0))
@@ -59,10 +63,9 @@ def build_query(artifacts: Artifacts, user_id: int | None, history: list[int] | 
         if user_id not in artifacts.user_row:
             raise RequestError(404, f"unknown user id {user_id}", unknown_user_id=user_id)
         row = artifacts.user_row[user_id]
-        if not history and not profile and hour is None:  # the exported vector is exactly this query
-            stored_rows, _ = artifacts.rows(artifacts.user_history(user_id))
-            return Query(artifacts.user_vectors[row], stored_rows, "history" if len(stored_rows) else "profile")
         stored_rows, _ = artifacts.rows(artifacts.user_history(user_id))
+        if not history and not profile and hour is None:  # the exported vector is exactly this query
+            return Query(artifacts.user_vectors[row], stored_rows, "history" if len(stored_rows) else "profile")
         base_profile = parts["user_profiles"](torch.tensor([row]))
         if hour is None:
             hour = int(parts["histories"]["last_hour"][row])
