@@ -98,6 +98,16 @@ class Recommender(ABC):
     def score(self, batch: dict) -> Tensor:
         """(B, n_items) scores for a batch of `collate_eval` (uses `user` and/or `history`)."""
 
+    def start_pairwise_fit(self, split: Split) -> tuple[np.ndarray, np.ndarray, NegativeSampler]:
+        """Seeds torch, fits the popularity fallback, marks known users; returns the training (user, item)
+        pairs (M,), (M,) and a sampler of negatives for them (BPR-MF and the DNN train on these)."""
+        torch.manual_seed(self.seed)
+        self.fit_popularity(split)
+        inter = split.train_interactions()
+        users, items = inter["user"].to_numpy(), inter["item"].to_numpy()
+        self.known = torch.from_numpy(np.bincount(users, minlength=split.n_users) > 0)  # (U,)
+        return users, items, NegativeSampler(users, items, split.n_items, seed=self.seed)
+
     def fit_popularity(self, split: Split) -> None:
         counts = torch.from_numpy(train_counts(split)).float()
         self.n_items = split.n_items

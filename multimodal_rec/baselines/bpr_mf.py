@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from multimodal_rec.baselines.base import NegativeSampler, Recommender, pick_device
+from multimodal_rec.baselines.base import Recommender, pick_device
 from multimodal_rec.data.splits import Split
 
 
@@ -34,12 +34,7 @@ class BPRMF(Recommender):
         self.history: list[dict] = []
 
     def fit(self, split: Split, item_vectors: Tensor | None = None) -> BPRMF:
-        torch.manual_seed(self.seed)
-        self.fit_popularity(split)
-        inter = split.train_interactions()
-        users, items = inter["user"].to_numpy(), inter["item"].to_numpy()  # (M,), (M,)
-        self.known = torch.from_numpy(np.bincount(users, minlength=split.n_users) > 0)  # (U,)
-        sampler = NegativeSampler(users, items, split.n_items, seed=self.seed)
+        users, items, sampler = self.start_pairwise_fit(split)  # (M,), (M,)
         self.user_emb = nn.Embedding(split.n_users, self.dim).to(self.device)  # (U, d)
         self.item_emb = nn.Embedding(split.n_items, self.dim).to(self.device)  # (N, d)
         for emb in (self.user_emb, self.item_emb):

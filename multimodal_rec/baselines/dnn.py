@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from multimodal_rec.baselines.base import NegativeSampler, Recommender, pick_device
+from multimodal_rec.baselines.base import Recommender, pick_device
 from multimodal_rec.data.splits import Split
 
 
@@ -49,12 +49,7 @@ class DNNRecommender(Recommender):
         self.history: list[dict] = []
 
     def fit(self, split: Split, item_vectors: Tensor | None = None) -> DNNRecommender:
-        torch.manual_seed(self.seed)
-        self.fit_popularity(split)
-        inter = split.train_interactions()
-        users, items = inter["user"].to_numpy(), inter["item"].to_numpy()  # (M,), (M,)
-        self.known = torch.from_numpy(np.bincount(users, minlength=split.n_users) > 0)  # (U,)
-        sampler = NegativeSampler(users, items, split.n_items, seed=self.seed)
+        users, items, sampler = self.start_pairwise_fit(split)  # (M,), (M,)
         self.net = _Net(split.n_users, split.n_items, self.dim, self.hidden, self.dropout).to(self.device)
         optim = torch.optim.Adam(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         rng = np.random.default_rng(self.seed)
