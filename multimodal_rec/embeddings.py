@@ -16,6 +16,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -40,18 +41,26 @@ def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def write_json_atomic(path: str | Path, payload: dict) -> None:
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[str]:
+    """Yields a temp path beside `path`; once the block succeeds it becomes `path` (readable by all) in one
+    rename, and a failure leaves no half-written file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
     try:
-        with os.fdopen(handle, "w") as out:
-            json.dump(payload, out, indent=2)
+        yield tmp
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; artifacts are meant to be shared
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_json_atomic(path: str | Path, payload: dict) -> None:
+    with atomic_file(path) as tmp, open(tmp, "w") as out:
+        json.dump(payload, out, indent=2)
 
 
 def load_json(path: str | Path) -> dict:
@@ -76,18 +85,9 @@ def write_shard(root: str | Path, kind: str, number: int, ids: np.ndarray, vecto
     values = pa.array(vectors.reshape(-1), type=pa.from_numpy_dtype(vectors.dtype))
     table = pa.table({KINDS[kind]: pa.array(np.asarray(ids, dtype=np.int64)),
                       "vector": pa.FixedSizeListArray.from_arrays(values, vectors.shape[1])})
-    path = Path(root) / shard_name(kind, number)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
+    with atomic_file(Path(root) / shard_name(kind, number)) as tmp:
         pq.write_table(table, tmp)
         entry = {"file": shard_name(kind, number), "rows": len(ids), "sha256": sha256_file(tmp)}
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return entry
 
 

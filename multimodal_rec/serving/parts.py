@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,29 +20,13 @@ import pandas as pd
 import torch
 
 from multimodal_rec.data.sequences import hour_of_day
+from multimodal_rec.embeddings import atomic_file
 
 log = logging.getLogger(__name__)
 
 PARTS_FORMAT = "multimodal_rec.serving/1"
 MODEL_FILE, CATALOG_FILE, MODALITY_PARTS_FILE = "model.pt", "catalog.parquet", "modality_parts.npy"
 MAX_PARTS_ITEMS = 2_000_000  # beyond this the per-modality vectors would not fit comfortably; reasons omit them
-
-
-def _atomic(path: Path, write) -> None:
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _save_npy(path: str, array: np.ndarray) -> None:
-    with open(path, "wb") as handle:  # a file object: np.save would append ".npy" to a name
-        np.save(handle, array)
 
 
 def _vocabularies(datamodule) -> dict:
@@ -131,9 +113,12 @@ def write_serving_parts(model, datamodule, out: str | Path, manifest: dict) -> N
         "vocabularies": _vocabularies(datamodule),
         "histories": _histories(datamodule),
     }
-    _atomic(out / MODEL_FILE, lambda tmp: torch.save(parts, tmp))
-    _atomic(out / CATALOG_FILE, lambda tmp: _catalog(datamodule, popularity).to_parquet(tmp, index=False))
+    with atomic_file(out / MODEL_FILE) as tmp:
+        torch.save(parts, tmp)
+    with atomic_file(out / CATALOG_FILE) as tmp:
+        _catalog(datamodule, popularity).to_parquet(tmp, index=False)
     vectors = modality_parts(model)
     if vectors is not None:
-        _atomic(out / MODALITY_PARTS_FILE, lambda tmp: _save_npy(tmp, vectors))
+        with atomic_file(out / MODALITY_PARTS_FILE) as tmp, open(tmp, "wb") as handle:
+            np.save(handle, vectors)  # a file object: np.save would append ".npy" to a name
     log.info("wrote the serving parts to %s", out)
