@@ -52,6 +52,13 @@ def _numeric(frame: pd.DataFrame, columns: list[str]) -> tuple[torch.Tensor, tor
     return torch.tensor(standard, dtype=torch.float32), torch.from_numpy(missing.copy())
 
 
+def standardised_rank(reference: np.ndarray, value: float) -> float:
+    """The code `_numeric` gives `value` among the sorted `reference` values (its mid-rank percentile,
+    centred and scaled), for values met after the tables were built: new items, request profiles."""
+    low, high = np.searchsorted(reference, value, "left"), np.searchsorted(reference, value, "right")
+    return float(((low + high + 1) / (2 * max(len(reference), 1)) - 0.5) * np.sqrt(12.0))
+
+
 def _multi_hot(frame: pd.DataFrame, columns: list[str]) -> tuple[torch.Tensor, list[str]]:
     vocab = sorted({f"{c}={v}" for c in columns for values in frame[c] if values is not None for v in values})
     lookup = {v: i for i, v in enumerate(vocab)}

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from multimodal_rec.data.features import standardised_rank
 from multimodal_rec.serving.artifacts import Artifacts
 from multimodal_rec.serving.errors import RequestError
 from multimodal_rec.serving.filters import filter_mask
@@ -42,9 +43,7 @@ def _profile_codes(artifacts: Artifacts, profile: dict | None, base: dict | None
                 value = float(value)
             except ValueError as error:
                 raise RequestError(422, f"profile attribute {column!r} must be a number, got {value!r}") from error
-            pct = (np.searchsorted(reference, value, "left") + np.searchsorted(reference, value, "right") + 1) / (
-                2 * max(len(reference), 1))
-            numeric[0, list(vocab["user_numeric"]).index(column)] = float((pct - 0.5) * np.sqrt(12.0))
+            numeric[0, list(vocab["user_numeric"]).index(column)] = standardised_rank(reference, value)
         else:
             known = sorted([*vocab["user_categorical"], *vocab["user_numeric"]])
             raise RequestError(422, f"unknown profile attribute {column!r}; known: {known}")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from multimodal_rec.data.features import tokenize
+from multimodal_rec.data.features import standardised_rank, tokenize
 from multimodal_rec.data.images import to_tensor
 from multimodal_rec.serving.errors import RequestError
 
@@ -107,9 +107,7 @@ class NewItemEncoder:
                 value = float(value)
             except (TypeError, ValueError) as error:
                 raise RequestError(422, f"attribute {name!r} must be a number, got {value!r}") from error
-            pct = (np.searchsorted(reference, value, "left") + np.searchsorted(reference, value, "right") + 1) / (
-                2 * max(len(reference), 1))
-            numeric[0, column], missing[0, column] = float((pct - 0.5) * np.sqrt(12.0)), False
+            numeric[0, column], missing[0, column] = standardised_rank(reference, value), False
         return {"categorical": categorical, "multi_hot": multi, "numeric": numeric, "numeric_missing": missing}
 
     @torch.no_grad()
