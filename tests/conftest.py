@@ -48,6 +48,14 @@ def tiny_shop_dir(tmp_path_factory) -> Path:
     return out
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def tiny_datamodule(root: Path, **overrides):
     from multimodal_rec.data.datamodule import RecDataModule
 

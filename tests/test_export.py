@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -17,7 +16,7 @@ from multimodal_rec.export import Exporter, export, user_batch
 from multimodal_rec.index import build_index, load_index
 from multimodal_rec.models.loading import CheckpointError, resolve_checkpoint, restore_model
 from multimodal_rec.serving.artifacts import ArtifactsError, load_artifacts
-from tests.conftest import export_config
+from tests.conftest import export_config, free_port
 
 
 def test_manifest_describes_the_export(tiny_artifacts):
@@ -132,7 +131,7 @@ def test_two_rank_export_equals_the_single_process_one(tiny_checkpoint, tiny_art
     """torchrun with 2 gloo ranks: each writes its own shards, rank 0 ties them together in the manifest."""
     out = tmp_path / "sharded"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-               str(_free_port()), "-m", "multimodal_rec.export", f"ckpt_path={tiny_checkpoint}", f"out={out}",
+               str(free_port()), "-m", "multimodal_rec.export", f"ckpt_path={tiny_checkpoint}", f"out={out}",
                "shard_size=64", "batch_size=32", "device=cpu", f"hydra.run.dir={tmp_path / 'logs'}"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -141,9 +140,3 @@ def test_two_rank_export_equals_the_single_process_one(tiny_checkpoint, tiny_art
     assert sharded["world_size"] == 2 and sharded["counts"] == single["counts"]
     assert sharded["shards"] == single["shards"]  # same files, byte for byte (sha256 in each entry)
     assert not list(out.glob("progress*.json"))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import shutil
-import socket
 import threading
 import time
 
@@ -18,12 +17,7 @@ import uvicorn
 from multimodal_rec.data.synthetic_images import render_synthetic_image
 from multimodal_rec.serving.app import create_app
 from multimodal_rec.serving.service import RecommenderService
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.conftest import free_port
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +26,7 @@ def live(tiny_artifacts, tmp_path_factory):
     folder = tmp_path_factory.mktemp("serve") / "artifacts"
     shutil.copytree(tiny_artifacts, folder)
     service = RecommenderService(folder)
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(service, max_body_bytes=1_000_000), host="127.0.0.1",
                                            port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
