@@ -34,24 +34,26 @@ class ItemTower(nn.Module):
     def __init__(self, dim: int, n_items: int, image_dim: int = 0, text_dim: int = 0,
                  categorical_sizes: tuple = (), n_multi: int = 0, n_numeric: int = 0,
                  modalities: tuple = MODALITIES, id_dropout: float = 0.2, fusion: str = "gated",
-                 dropout: float = 0.1, image_encoder: nn.Module | None = None, text_encoder: nn.Module | None = None):
+                 dropout: float = 0.1, feature_dropout: float | None = None,
+                 image_encoder: nn.Module | None = None, text_encoder: nn.Module | None = None):
         super().__init__()
         unknown = sorted(set(modalities) - set(MODALITIES))
         if unknown or not modalities:
             raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {modalities}")
         self.modalities = tuple(m for m in MODALITIES if m in modalities)
         self.dim, self.id_dropout = dim, id_dropout
+        feature_dropout = dropout if feature_dropout is None else feature_dropout
         if "id" in self.modalities:
             self.id_embedding = nn.Embedding(n_items + 1, dim)
             nn.init.normal_(self.id_embedding.weight, std=ID_INIT_STD)
             self.unknown_id = nn.Parameter(torch.zeros(dim))
         if "image" in self.modalities:
             self.image_encoder = image_encoder
-            self.image_proj = _projection(image_encoder.out_dim if image_encoder else image_dim, dim, dropout)
+            self.image_proj = _projection(image_encoder.out_dim if image_encoder else image_dim, dim, feature_dropout)
             self.missing_image = nn.Parameter(torch.zeros(dim))
         if "text" in self.modalities:
             self.text_encoder = text_encoder
-            self.text_proj = _projection(text_encoder.out_dim if text_encoder else text_dim, dim, dropout)
+            self.text_proj = _projection(text_encoder.out_dim if text_encoder else text_dim, dim, feature_dropout)
             self.missing_text = nn.Parameter(torch.zeros(dim))
         if "attributes" in self.modalities:
             self.attributes = AttributeEncoder(dim, list(categorical_sizes), n_multi, n_numeric, init_std=ID_INIT_STD)
