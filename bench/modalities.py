@@ -1,9 +1,10 @@
 """Ablation of the modalities on one dataset, in one run: ID-only GRU, + text, + image, the full model,
-on the warm test users and on the cold-start items.
+on the warm test users and on the cold-start items; each variant trained with every seed given, the
+table shows the mean over seeds (and the standard deviation of NDCG@10).
 
-    python bench/modalities.py                       # ml100k_mm (needs ../shared/data)
-    python bench/modalities.py --data synthetic -- trainer.max_epochs=5
-    OMP_NUM_THREADS=1 python bench/modalities.py --jobs 2   # two variants at a time, one process each
+    python bench/modalities.py                       # ml100k_mm (needs ../shared/data), seed 0
+    OMP_NUM_THREADS=1 python bench/modalities.py --jobs 2 --seeds 0 1 2   # two runs at a time
+    python bench/modalities.py --data synthetic --variants id full -- trainer.max_epochs=5
 """
 
 from __future__ import annotations
@@ -12,18 +13,19 @@ import argparse
 import logging
 import multiprocessing
 import re
+import statistics
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from common import add_rows, data_overrides, print_tables, train_config
+from common import COLUMNS, data_overrides, print_tables, train_config
 
 from multimodal_rec.training import train, write_json_atomic
 
 VARIANTS = {
-    "ID-only GRU": ["model.modalities=[id]"],
-    "+ text": ["model.modalities=[id,text]"],
-    "+ image": ["model.modalities=[id,image]"],
-    "full (id+image+text+attributes)": ["model.modalities=[id,image,text,attributes]"],
+    "id": ("ID-only GRU", ["model.modalities=[id]"]),
+    "text": ("+ text", ["model.modalities=[id,text]"]),
+    "image": ("+ image", ["model.modalities=[id,image]"]),
+    "full": ("full (id+image+text+attributes)", ["model.modalities=[id,image,text,attributes]"]),
 }
 
 
@@ -32,26 +34,50 @@ def run_variant(out: Path, overrides: list[str]) -> dict:
     return train(train_config(out, overrides))
 
 
+def mean_rows(name: str, outcomes: list[dict]) -> dict[str, dict]:
+    """One row per stage: each metric averaged over the seeds; NDCG@10's spread and the epochs too."""
+    rows = {}
+    for stage in ("test", "test_cold"):
+        values = {c: [o["metrics"].get(f"{stage}/{c}", float("nan")) for o in outcomes] for c in COLUMNS}
+        row = {"model": name, **{c: statistics.fmean(v) for c, v in values.items()}}
+        ndcg = values["ndcg@10"]
+        row["ndcg@10 sd"] = statistics.stdev(ndcg) if len(ndcg) > 1 else float("nan")
+        row["seeds"] = len(outcomes)
+        row["epochs"] = "/".join(str(o["epochs"]) for o in outcomes)
+        row["seconds"] = round(sum(o["seconds"] for o in outcomes) / len(outcomes), 1)
+        row["per seed ndcg@10"] = [round(x, 4) for x in ndcg]
+        rows[stage] = row
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="ml100k_mm", help="experiment (ml100k_mm) or data config name")
     parser.add_argument("--out", default="logs/bench/modalities", type=Path)
-    parser.add_argument("--jobs", type=int, default=1, help="variants trained at once, each in its own process")
-    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every variant")
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="a run per seed; the table averages them")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     base = data_overrides(args.data)
     rows = {"test": [], "test_cold": []}
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {}
-        for name, overrides in VARIANTS.items():
-            slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")  # one run folder per variant
-            futures[name] = pool.submit(run_variant, args.out / slug, [*base, *overrides, *args.overrides])
-        for name, future in futures.items():  # rows in the table's order, whichever finishes first
-            outcome = future.result()
-            add_rows(rows, name, outcome["metrics"], epochs=outcome["epochs"], seconds=outcome["seconds"])
-            print(f"{name}: done in {outcome['seconds']} s", flush=True)
-    print_tables(rows, f"Modalities on {args.data}, test split, full ranking", ("epochs", "seconds"))
+        for key in args.variants:
+            name, overrides = VARIANTS[key]
+            slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")  # one run folder per variant and seed
+            futures[key] = [pool.submit(run_variant, args.out / f"{slug}_seed{seed}",
+                                        [*base, *overrides, f"seed={seed}", *args.overrides])
+                            for seed in args.seeds]
+        for key, runs in futures.items():  # rows in the table's order, whichever finishes first
+            outcomes = [run.result() for run in runs]
+            for stage, row in mean_rows(VARIANTS[key][0], outcomes).items():
+                rows[stage].append(row)
+            print(f"{VARIANTS[key][0]}: done, test NDCG@10 per seed {rows['test'][-1]['per seed ndcg@10']}",
+                  flush=True)
+    title = f"Modalities on {args.data}, test split, full ranking, mean of seeds {args.seeds}"
+    print_tables(rows, title, ("ndcg@10 sd", "seeds", "epochs", "seconds"))
     write_json_atomic(args.out / "modalities.json", rows)
 
 
