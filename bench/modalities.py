@@ -44,7 +44,7 @@ def mean_rows(name: str, outcomes: list[dict]) -> dict[str, dict]:
         row["ndcg@10 sd"] = statistics.stdev(ndcg) if len(ndcg) > 1 else float("nan")
         row["seeds"] = len(outcomes)
         row["epochs"] = "/".join(str(o["epochs"]) for o in outcomes)
-        row["seconds"] = round(sum(o["seconds"] for o in outcomes) / len(outcomes), 1)
+        row["seconds"] = round(sum(o["seconds"] for o in outcomes) / len(outcomes))
         row["per seed ndcg@10"] = [round(x, 4) for x in ndcg]
         rows[stage] = row
     return rows
