@@ -70,8 +70,9 @@ class ParameterEMA(pl.Callback):
         state.update({name: value.detach().clone() for name, value in self.average.items() if name in state})
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        # Lightning calls this for `trainer.test(ckpt_path=...)` too: there the averaged weights must stay
         raw = checkpoint.get("ema_raw_weights")
-        if not raw:
+        if not raw or trainer.state.fn != "fit":
             return
         state = checkpoint["state_dict"]
         self.average = {name: state[name].detach().clone().to(pl_module.device) for name in raw}

@@ -81,9 +81,14 @@ def test_validation_and_checkpoints_use_the_average(tmp_path):
         assert not torch.allclose(seen, record.weights[step], atol=1e-4)
     assert torch.allclose(model.net.weight, averages[-1], atol=1e-6)  # what test/export see after fit
     assert torch.equal(model.table, torch.arange(6.0))
-    checkpoint = torch.load(trainer.checkpoint_callback.best_model_path, weights_only=False)
+    best = trainer.checkpoint_callback.best_model_path
+    checkpoint = torch.load(best, weights_only=False)
     assert torch.allclose(checkpoint["state_dict"]["net.weight"], averages[-1], atol=1e-6)
     assert torch.allclose(checkpoint["ema_raw_weights"]["net.weight"], record.weights[-1], atol=1e-6)
+    # testing the checkpoint (with the callback still on the trainer) evaluates the average, not the raw weights
+    model.seen_in_validation.clear()
+    trainer.validate(model, loader(), ckpt_path=best, weights_only=False, verbose=False)
+    assert torch.allclose(model.seen_in_validation[0], averages[-1], atol=1e-6)
 
 
 def test_resuming_continues_both_the_raw_and_the_averaged_weights(tmp_path):
