@@ -44,3 +44,21 @@ def train(cfg: DictConfig) -> dict:
         write_json_atomic(Path(cfg.paths.output_dir) / "metrics.json", result)
     log.info("metrics: %s", json.dumps(metrics, indent=1))
     return result
+
+
+def retest(output_dir: str | Path) -> dict:
+    """Tests a finished run's best checkpoint again and rewrites the test metrics in its metrics.json: a run
+    tested by an older evaluation does not need training again. The model is rebuilt as training built it."""
+    from multimodal_rec.models.loading import restore_model
+
+    path = Path(output_dir) / "metrics.json"
+    result = json.loads(path.read_text())
+    model, datamodule, _ = restore_model(result["best_checkpoint"])
+    trainer = pl.Trainer(devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.test(model, datamodule=datamodule, verbose=False)
+    result["metrics"] = {k: v for k, v in result["metrics"].items() if not k.startswith("test")}
+    result["metrics"].update(model.test_metrics)
+    result["retested"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    write_json_atomic(path, result)
+    return result

@@ -102,3 +102,14 @@ def test_missing_real_data_is_one_clear_error(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert "required input not found" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_retest_reproduces_the_test_metrics_of_the_run(tmp_path):
+    from multimodal_rec.training import retest
+
+    result = run_train(tmp_path, "run", "trainer.fast_dev_run=false", "trainer.max_epochs=2",
+                       "trainer.limit_train_batches=3")
+    again = retest(tmp_path / "run")
+    tested = {k: v for k, v in result["metrics"].items() if k.startswith("test")}
+    assert tested and {k: again["metrics"][k] for k in tested} == pytest.approx(tested, abs=1e-9)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["retested"] == again["retested"]
