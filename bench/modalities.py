@@ -5,11 +5,13 @@ table shows the mean over seeds (and the standard deviation of NDCG@10).
     python bench/modalities.py                       # ml100k_mm (needs ../shared/data), seed 0
     OMP_NUM_THREADS=1 python bench/modalities.py --jobs 2 --seeds 0 1 2   # two runs at a time
     python bench/modalities.py --data synthetic --variants id full -- trainer.max_epochs=5
+    python bench/modalities.py --seeds 0 1 2 --retest   # test the runs' best checkpoints again, no training
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import multiprocessing
 import re
@@ -18,8 +20,10 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from common import COLUMNS, data_overrides, print_tables, train_config
+from omegaconf import OmegaConf
 
-from multimodal_rec.training import train, write_json_atomic
+from multimodal_rec.models.loading import read_checkpoint
+from multimodal_rec.training import retest, train, write_json_atomic
 
 VARIANTS = {
     "id": ("ID-only GRU", ["model.modalities=[id]"]),
@@ -29,9 +33,23 @@ VARIANTS = {
 }
 
 
-def run_variant(out: Path, overrides: list[str]) -> dict:
+COMPARED = ("seed", "data", "model", "trainer", "callbacks")  # what a retested run must share with the config
+
+
+def run_variant(out: Path, overrides: list[str], only_test: bool = False) -> dict:
     logging.basicConfig(level=logging.WARNING)
-    return train(train_config(out, overrides))
+    cfg = train_config(out, overrides)
+    if not only_test:
+        return train(cfg)
+    if not (out / "metrics.json").is_file():
+        raise FileNotFoundError(f"--retest: {out} has no finished run (metrics.json); train it first")
+    wanted = OmegaConf.to_container(cfg, resolve=True)
+    saved = read_checkpoint(json.loads((out / "metrics.json").read_text())["best_checkpoint"])
+    saved = saved["multimodal_rec"]["config"]
+    differ = [key for key in COMPARED if saved.get(key) != wanted.get(key)]
+    if differ:
+        raise ValueError(f"--retest: {out} was trained with other {differ} than these settings; train it again")
+    return retest(out)
 
 
 def mean_rows(name: str, outcomes: list[dict]) -> dict[str, dict]:
@@ -57,6 +75,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="a run per seed; the table averages them")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--retest", action="store_true",
+                        help="no training: test each run's best checkpoint again (same settings required)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -68,7 +88,7 @@ def main() -> None:
             name, overrides = VARIANTS[key]
             slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")  # one run folder per variant and seed
             futures[key] = [pool.submit(run_variant, args.out / f"{slug}_seed{seed}",
-                                        [*base, *overrides, f"seed={seed}", *args.overrides])
+                                        [*base, *overrides, f"seed={seed}", *args.overrides], args.retest)
                             for seed in args.seeds]
         for key, runs in futures.items():  # rows in the table's order, whichever finishes first
             outcomes = [run.result() for run in runs]
