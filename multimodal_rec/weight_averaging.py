@@ -2,7 +2,9 @@
 
 With ~20 optimiser steps per epoch on MovieLens-100k, val NDCG@10 moves by about +-0.005 from epoch to
 epoch; the best epoch of such a curve is partly luck, and so is the test score of its checkpoint. The
-average of the last few hundred steps is smoother and usually better (Polyak & Juditsky, 1992).
+average of the last few hundred steps is smoother (Polyak & Juditsky, 1992); on ml100k_mm the averaged
+weights of the ID-only GRU's best checkpoints tested 0.083 NDCG@10 against 0.076 for their raw weights
+(3 seeds, `bench/modalities.py`).
 
 Lightning's own EMAWeightAveraging deep-copies the whole module, buffers included; ours holds the
 catalogue's feature tables (and the raw pixels when the CNN is fine-tuned) as buffers, so this one
