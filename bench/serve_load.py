@@ -105,7 +105,8 @@ async def drive(url: str, method: str, path: str, payload, clients: int, seconds
             try:
                 ok = await connection.request(method, path, payload() if payload else None) == 200
             except (OSError, ValueError, IndexError, asyncio.IncompleteReadError):
-                ok, connection.writer = False, None  # reconnect on the next request
+                connection.close()  # and reconnect on the next request
+                ok, connection.writer = False, None
             latencies.append(time.perf_counter() - started)
             errors += not ok
 
