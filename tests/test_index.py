@@ -189,14 +189,22 @@ def test_mismatches_are_refused(built, tmp_path):
         load_index(copy)
 
 
+def test_pq_m_falls_back_to_a_divisor_of_the_dimension():
+    """65-d exports (item biases): PQ16 cannot split them, PQ13 can; a divisor under half of pq_m is refused."""
+    assert load_spec("ivfpq").resolve(100_000, 65)[1]["pq_m"] == 13
+    assert load_spec("ivfpq").resolve(100_000, 64)[1]["pq_m"] == 16
+    with pytest.raises(EmbeddingsError, match="nearest divisor below it is 1"):
+        load_spec("ivfpq").resolve(100_000, 67)
+
+
 def test_build_refuses_bad_input(catalogue, tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     with pytest.raises(EmbeddingsError, match="not an index folder"):
         build_index(catalogue[0], "flat", tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").is_file()
-    with pytest.raises(EmbeddingsError, match="must divide the dimension"):
-        build_index(catalogue[0], load_spec("ivfpq", pq_m=5), tmp_path / "pq")
+    with pytest.raises(EmbeddingsError, match="pq_m=33 must divide the dimension 32"):
+        build_index(catalogue[0], load_spec("ivfpq", pq_m=33), tmp_path / "pq")
     with pytest.raises(EmbeddingsError, match="cannot train IVF2,PQ16x8 on 100 vectors"):
         build_index(catalogue[0], load_spec("ivfpq", train_size=100), tmp_path / "pq")
     with pytest.raises(EmbeddingsError, match="FAISS rejects factory 'IVF"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass
 
@@ -10,6 +11,8 @@ from omegaconf import OmegaConf
 
 from multimodal_rec.config import CONF_DIR
 from multimodal_rec.embeddings import EmbeddingsError
+
+log = logging.getLogger(__name__)
 
 # k-means wants this many training points per centroid (FAISS warns below it).
 MIN_POINTS_PER_CENTROID = 39
@@ -52,9 +55,7 @@ class IndexSpec:
             wanted = round(4 * math.sqrt(n)) if self.nlist == "auto" else int(self.nlist)
             fill["nlist"] = params["nlist"] = max(1, min(wanted, train_rows // MIN_POINTS_PER_CENTROID))
         if "{m}" in self.factory:
-            if dim % self.pq_m:
-                raise EmbeddingsError(f"index {self.name!r}: pq_m={self.pq_m} must divide the dimension {dim}")
-            fill["m"] = params["pq_m"] = self.pq_m
+            fill["m"] = params["pq_m"] = self._pq_m(dim)
         for key in ("nprobe", "ef_search", "ef_construction"):
             if getattr(self, key) is not None:
                 params[key] = getattr(self, key)
@@ -68,6 +69,18 @@ class IndexSpec:
             raise EmbeddingsError(f"index {self.name!r}: FAISS rejects factory {factory!r}: {error}") from error
         params["train_rows"] = train_rows if trains else 0
         return factory, params
+
+    def _pq_m(self, dim: int) -> int:
+        """pq_m, or the nearest divisor of `dim` below it (PQ splits a vector into equal parts): an export with
+        item biases is 65-d, and PQ13 there is as good as PQ16 at 64. Refused where that would be under half."""
+        m = max((m for m in range(1, min(self.pq_m, dim) + 1) if dim % m == 0), default=1)
+        if m * 2 <= self.pq_m or self.pq_m > dim:
+            raise EmbeddingsError(f"index {self.name!r}: pq_m={self.pq_m} must divide the dimension {dim} "
+                                  f"(the nearest divisor below it is {m}: index.pq_m={m})")
+        if m != self.pq_m:
+            log.warning("index %r: pq_m=%d does not divide the dimension %d; using pq_m=%d", self.name, self.pq_m,
+                        dim, m)
+        return m
 
     def to_dict(self) -> dict:
         return asdict(self)
