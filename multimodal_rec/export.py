@@ -48,7 +48,7 @@ def user_batch(split, user_features_rows: np.ndarray, max_len: int, pad: int) ->
 
 @torch.no_grad()
 def user_vectors(model, split, users: np.ndarray, max_len: int) -> torch.Tensor:
-    """(B, d) query vectors from full histories; only the items in these histories are encoded."""
+    """(B, d) normalised query vectors from full histories; only the items in these histories are encoded."""
     batch = user_batch(split, users, max_len, model.pad)
     items, inverse = torch.unique(batch["history"], return_inverse=True)
     real = items[items != model.pad].to(model.device)
@@ -77,7 +77,7 @@ class Exporter:
         self.shard_size, self.batch_size, self.dtype = shard_size, batch_size, dtype
         self.rank, self.world_size, self.checkpoint_path = rank, world_size, str(checkpoint_path)
         self.settings = {"checkpoint_sha256": checkpoint_sha256, "data_fingerprint": datamodule.fingerprint,
-                         "dim": int(model.hparams.dim), "dtype": dtype, "shard_size": shard_size,
+                         "dim": int(model.retrieval_dim), "dtype": dtype, "shard_size": shard_size,
                          "max_len": datamodule.max_len}
         self.ids = {"items": datamodule.dataset.items["item_id"].to_numpy(np.int64),
                     "users": datamodule.dataset.users["user_id"].to_numpy(np.int64)}
@@ -129,7 +129,9 @@ class Exporter:
                                       "run the same command again to finish it")
         manifest = {
             "format": emb.FORMAT, **self.settings, "checkpoint": self.checkpoint_path,
-            "metric": "inner_product", "normalised": True,
+            "metric": "inner_product", "normalised": self.model.bias_head is None,
+            # with item biases the last column is temperature * bias for items and 1 for users
+            "item_bias": self.model.bias_head is not None,
             "data": self.datamodule.name, "counts": {k: int(len(v)) for k, v in self.ids.items()},
             "shards": {k: [done[emb.shard_name(k, n)] for kk, n in plan if kk == k] for k in ("items", "users")},
             "world_size": self.world_size, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -143,9 +145,10 @@ class Exporter:
     @torch.no_grad()
     def _vectors(self, kind: str, rows: np.ndarray) -> np.ndarray:
         if kind == "items":
-            vectors = self.model.item_vectors(torch.from_numpy(rows).to(self.model.device))
+            embeddings = self.model.item_embeddings(torch.from_numpy(rows).to(self.model.device))
+            vectors = self.model.retrieval_items(*embeddings)
         else:
-            vectors = user_vectors(self.model, self.split, rows, self.datamodule.max_len)
+            vectors = self.model.retrieval_queries(user_vectors(self.model, self.split, rows, self.datamodule.max_len))
         return vectors.float().cpu().numpy()
 
 

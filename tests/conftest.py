@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from multimodal_rec.config import PROJECT_ROOT
@@ -64,19 +67,24 @@ def tiny_datamodule(root: Path, **overrides):
     return RecDataModule("tiny_shop", str(root), **settings)
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A tiny model trained for two epochs on a tiny shop (train.py with debug=fast, no fast_dev_run)."""
+def train_tiny(root: Path, *overrides: str) -> Path:
+    """Trains a tiny model for two epochs on a tiny shop under `root` (train.py with debug=fast, no
+    fast_dev_run) -> its last checkpoint."""
     import subprocess
     import sys
 
-    root = tmp_path_factory.mktemp("tiny_run")
     command = [sys.executable, str(PROJECT_ROOT / "train.py"), "debug=fast", f"hydra.run.dir={root / 'run'}",
                f"data.processed_dir={root / 'data'}", f"paths.cache_dir={root / 'cache'}",
-               "trainer.fast_dev_run=false", "trainer.max_epochs=2", "test=false"]
+               "trainer.fast_dev_run=false", "trainer.max_epochs=2", "test=false", *overrides]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return root / "run" / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """The default tiny model, trained once per test session."""
+    return train_tiny(tmp_path_factory.mktemp("tiny_run"))
 
 
 def export_config(ckpt: Path, out: Path, **overrides):
@@ -95,3 +103,20 @@ def tiny_artifacts(tiny_checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("artifacts") / "tiny"
     export(export_config(tiny_checkpoint, out))
     return out
+
+
+def item_png(ref: str) -> str:
+    """A synthetic item's image (re-rendered from its reference) as a base64 PNG, as a client sends it."""
+    from multimodal_rec.data.synthetic_images import render_synthetic_image
+
+    buffer = io.BytesIO()
+    render_synthetic_image(ref, 64).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def twin_item(items: pd.DataFrame, item_id: int, new_id: int) -> dict:
+    """A new item with the content (text, image, attributes) of an existing one."""
+    source = items.loc[item_id]
+    return {"item_id": new_id, "title": f"twin of {source['title']}", "text": source["text"],
+            "image_base64": item_png(source["image"]) if isinstance(source["image"], str) else None,
+            "attributes": {"category": source["category"], "brand": source["brand"], "price": source["price"]}}

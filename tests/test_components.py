@@ -106,3 +106,21 @@ def test_ranker_starts_as_retrieval_order():
     torch.testing.assert_close(scores, retrieval)  # zero-initialised head: no harm before training
     scores.sum().backward()
     assert ranker.mlp[-1].weight.grad is not None
+
+
+def test_content_shrinkage_weighs_content_by_the_items_evidence():
+    """Content weighs c / (c + n) for an item whose ID is used (n training interactions), fully otherwise."""
+    torch.manual_seed(0)
+    tower = ItemTower(8, n_items=10, image_dim=16, text_dim=12, categorical_sizes=(3, 3), n_multi=4, n_numeric=1,
+                      fusion="residual", dropout=0.0, content_shrinkage=20.0).eval()
+    captured = []
+    tower.fusion.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    inputs = _tower_inputs(4, 10)  # items 0 and 2 known, 1 and 3 not
+    tower(dict(inputs, popularity=torch.tensor([0.0, 0.0, 0.0, 0.0])))
+    tower(dict(inputs, popularity=torch.tensor([60.0, 60.0, 20.0, 20.0])))
+    unshrunk, shrunk = captured
+    torch.testing.assert_close(shrunk[:, 0], unshrunk[:, 0])  # the ID part is never scaled
+    torch.testing.assert_close(shrunk[0, 1:], unshrunk[0, 1:] * 0.25)  # 20 / (20 + 60)
+    torch.testing.assert_close(shrunk[2, 1:], unshrunk[2, 1:] * 0.5)
+    torch.testing.assert_close(shrunk[1], unshrunk[1])  # ID not used: content is all there is
+    torch.testing.assert_close(shrunk[3], unshrunk[3])

@@ -22,10 +22,15 @@ from tests.conftest import export_config, free_port
 def test_manifest_describes_the_export(tiny_artifacts):
     manifest = emb.load_manifest(tiny_artifacts)
     assert manifest["counts"] == {"items": 200, "users": 100}
-    assert manifest["dim"] == 64 and manifest["metric"] == "inner_product" and manifest["normalised"]
+    # 64-d unit vectors plus the item-bias column (temperature * bias for items, 1 for users)
+    assert manifest["dim"] == 65 and manifest["metric"] == "inner_product" and manifest["item_bias"]
+    assert not manifest["normalised"]
     ids, vectors = emb.read_embeddings(tiny_artifacts, "items")
     assert len(ids) == 200 and vectors.dtype == np.float32
-    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(np.linalg.norm(vectors[:, :64], axis=1), 1.0, atol=1e-5)
+    assert np.abs(vectors[:, 64]).max() > 0  # trained biases, not the zero they start at
+    _, users = emb.read_embeddings(tiny_artifacts, "users")
+    assert np.allclose(users[:, 64], 1.0) and np.allclose(np.linalg.norm(users[:, :64], axis=1), 1.0, atol=1e-5)
     assert len(manifest["shards"]["items"]) == 4  # 200 items in shards of 64
     assert not (tiny_artifacts / emb.PROGRESS_FILE).exists()
 
@@ -37,7 +42,10 @@ def test_flat_index_returns_the_models_own_top_k(tiny_checkpoint, tiny_artifacts
     users = np.arange(datamodule.split.n_users)
     batch = user_batch(datamodule.split, users, datamodule.max_len, model.pad)
     with torch.no_grad():  # the model's own full-catalogue scoring, through its evaluation path
-        scores = model.score_batch(batch, model.all_item_vectors())["retrieval"].numpy()
+        vectors, biases = model.all_item_embeddings()
+        scores = model.score_batch(batch, vectors, biases)["retrieval"].numpy()
+        with pytest.raises(ValueError, match="scores with item biases"):
+            model.score_batch(batch, vectors)  # cosine alone would silently rank differently
     user_ids, user_vectors = emb.read_embeddings(tiny_artifacts, "users")
     assert np.array_equal(user_ids, datamodule.dataset.users["user_id"].to_numpy())
     found_scores, found = index.search(user_vectors, 10)

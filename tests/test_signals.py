@@ -55,13 +55,13 @@ def test_content_finds_cold_items_and_order_matters(shop, tmp_path):
     assert full_metrics["test_cold/hr@10"] >= 3 * random_hr
     assert full_metrics["test_cold/ndcg@10"] > id_metrics["test_cold/ndcg@10"] + 0.02
     # the sequence: the same model with each history shuffled loses accuracy
-    vectors = full.all_item_vectors().detach()
+    vectors, biases = (x.detach() for x in full.all_item_embeddings())
     generator = torch.Generator().manual_seed(0)
 
     def score(batch, shuffle: bool):
         if shuffle:
             batch = dict(batch, history=shuffled(batch["history"], n_items, generator))
-        return full.score_batch(batch, vectors)["ranked"]
+        return full.score_batch(batch, vectors, biases)["ranked"]
 
     with torch.no_grad():
         ordered = evaluate(lambda b: score(b, False), datamodule.split, "test", max_len=datamodule.max_len)

@@ -12,9 +12,10 @@ from multimodal_rec.models.recommender import MultimodalRecommender
 
 def build_model(datamodule: RecDataModule, recommender: Callable, modalities=MODALITIES,
                 image_encoder: Callable | None = None, text_encoder: Callable | None = None,
-                cache_dir: str | None = None) -> MultimodalRecommender:
+                cache_dir: str | None = None, content_neighbours: int = 0) -> MultimodalRecommender:
     """`recommender` is a partial MultimodalRecommender (Hydra `_partial_: true`) lacking its data bundle."""
-    bundle = build_bundle(datamodule, tuple(modalities), image_encoder, text_encoder, cache_dir)
+    bundle = build_bundle(datamodule, tuple(modalities), image_encoder, text_encoder, cache_dir,
+                          neighbours=content_neighbours)
     model = recommender(bundle=bundle)
     model.test_stages = datamodule.test_stages()
     model.frozen_encoders = bundle.frozen_encoders  # a plain dict, not submodules: not trained, not checkpointed

@@ -16,7 +16,8 @@ class ItemInputs(nn.Module):
 
     def __init__(self, items: ItemFeatures, known: torch.Tensor, image: dict | None = None,
                  text: dict | None = None, image_size: int = 224, raw_images: bool = False,
-                 raw_text: bool = False):
+                 raw_text: bool = False, neighbours: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 popularity: torch.Tensor | None = None):
         super().__init__()
         self.n_items = items.n_items
 
@@ -24,6 +25,8 @@ class ItemInputs(nn.Module):
             self.register_buffer(name, value, persistent=False)
 
         buffer("known", torch.cat([known, torch.zeros(1, dtype=torch.bool)]))  # (N+1,)
+        if popularity is not None:  # (N+1,) training interaction counts
+            buffer("popularity", torch.cat([popularity, torch.zeros(1, dtype=popularity.dtype)]))
         buffer("categorical", items.categorical)
         buffer("multi_hot", items.multi_hot)
         buffer("numeric", items.numeric)
@@ -43,6 +46,10 @@ class ItemInputs(nn.Module):
         if raw_text:
             buffer("text_ids", items.text_ids)
             buffer("text_mask", items.text_mask)
+        if neighbours is not None:  # (N, k) each; the padding row has no neighbours
+            index, weight = neighbours
+            buffer("neighbours", torch.cat([index, torch.full((1, index.shape[1]), self.n_items)]))
+            buffer("neighbour_weights", torch.cat([weight, torch.zeros(1, weight.shape[1])]))
 
     def forward(self, index: torch.Tensor) -> dict:
         """index (B,) item indices (n_items = padding) -> the tower's inputs for those items."""

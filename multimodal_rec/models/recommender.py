@@ -4,6 +4,12 @@ Retrieval is trained with a sampled softmax over in-batch targets and uniform ra
 a log-Q correction; the ranker with a listwise softmax over the top retrieved candidates of that
 pool. Evaluation is full ranking over all items (DESIGN.md): retrieval scores every item, the
 ranker re-orders the top `rerank_top` (seen items excluded first).
+
+With `item_bias`, the retrieval score is cos(q, v) + temperature * b(v): a per-item bias read off the
+item tower's vector before normalisation, as matrix factorisation has item biases. Content pulls items
+that look and read alike together on the sphere; the bias lets an item's popularity be a number of its
+own rather than a place on the sphere crowded by content-similar items. Retrieval vectors are then
+[v, temperature * b] for items and [q, 1] for queries, so inner-product search stays exact.
 Reference: Yi et al., "Sampling-Bias-Corrected Neural Modeling for Large Corpus Item Recommendations",
 RecSys 2019 (log-Q correction); Covington et al., RecSys 2016 (retrieval + ranking).
 """
@@ -16,6 +22,7 @@ from typing import TYPE_CHECKING
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from multimodal_rec.data.sequences import IGNORE_TARGET
 from multimodal_rec.distributed import broadcast_running_stats
@@ -32,7 +39,7 @@ class MultimodalRecommender(pl.LightningModule):
                  ranker: Callable | None, optimizer: Callable, scheduler: Callable | None = None,
                  dim: int = 64, num_negatives: int = 256, temperature: float = 0.07, logq: bool = True,
                  rerank_top: int = 50, ranker_weight: float = 1.0, ranker_positions: int = 512,
-                 encoder_lr_scale: float = 0.1,
+                 encoder_lr_scale: float = 0.1, item_bias: bool = False,
                  ks: tuple = (10, 20)):
         super().__init__()
         self.save_hyperparameters(ignore=["bundle", "item_tower", "history_encoder", "ranker", "optimizer",
@@ -43,6 +50,10 @@ class MultimodalRecommender(pl.LightningModule):
                                      text_encoder=bundle.text_encoder, **bundle.tower_sizes)
         self.history_encoder = history_encoder(dim=dim, **bundle.user_sizes)
         self.ranker = ranker(dim=dim) if ranker is not None else None
+        self.bias_head = nn.Linear(dim, 1) if item_bias else None
+        if self.bias_head is not None:  # starts at zero: plain cosine retrieval
+            nn.init.zeros_(self.bias_head.weight)
+            nn.init.zeros_(self.bias_head.bias)
         self.register_buffer("log_popularity", torch.log(bundle.popularity.float().clamp_min(1.0)), persistent=False)
         # negatives come only from items seen in training: held-out (cold) items must not be in training at
         # all, or the model learns to push exactly them down
@@ -54,17 +65,46 @@ class MultimodalRecommender(pl.LightningModule):
         self.test_stages = ["test"]  # the DataModule's test dataloaders, in order (+ "test_cold")
         self.evaluators: dict[str, RankingEvaluator] = {}
         self._all_items: torch.Tensor | None = None
+        self._all_biases: torch.Tensor | None = None
         self._negative_generator: torch.Generator | None = None  # set per rank in on_fit_start
 
     # ---- towers ---------------------------------------------------------------------------------------
+    def item_embeddings(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """index (B,) -> (L2-normalised item vectors (B, d), retrieval biases (B,); zeros without item_bias)."""
+        raw = self.item_tower(self.items(index))
+        bias = self.bias_head(raw).squeeze(-1) if self.bias_head is not None else raw.new_zeros(len(raw))
+        return F.normalize(raw, dim=-1), bias
+
     def item_vectors(self, index: torch.Tensor) -> torch.Tensor:
         """index (B,) -> L2-normalised item vectors (B, d)."""
-        return F.normalize(self.item_tower(self.items(index)), dim=-1)
+        return self.item_embeddings(index)[0]
+
+    def all_item_embeddings(self, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, d) vectors and (N,) biases of the whole catalogue (cold items from content)."""
+        index = torch.arange(self.n_items, device=self.device)
+        parts = [self.item_embeddings(index[i:i + chunk]) for i in range(0, self.n_items, chunk)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def all_item_vectors(self, chunk: int = 4096) -> torch.Tensor:
         """(N, d) vectors of the whole catalogue (cold items from content)."""
-        index = torch.arange(self.n_items, device=self.device)
-        return torch.cat([self.item_vectors(index[i:i + chunk]) for i in range(0, self.n_items, chunk)])
+        return self.all_item_embeddings(chunk)[0]
+
+    @property
+    def retrieval_dim(self) -> int:
+        """Width of the exported (searched) vectors: d, plus the bias column with item_bias."""
+        return self.hparams.dim + (self.bias_head is not None)
+
+    def retrieval_items(self, vectors: torch.Tensor, biases: torch.Tensor) -> torch.Tensor:
+        """(B, d), (B,) -> (B, retrieval_dim): what an inner-product index holds for items."""
+        if self.bias_head is None:
+            return vectors
+        return torch.cat([vectors, self.hparams.temperature * biases.unsqueeze(-1)], dim=-1)
+
+    def retrieval_queries(self, queries: torch.Tensor) -> torch.Tensor:
+        """(B, d) normalised queries -> (B, retrieval_dim): q . item = cos + temperature * bias."""
+        if self.bias_head is None:
+            return queries
+        return torch.cat([queries, queries.new_ones(len(queries), 1)], dim=-1)
 
     def queries(self, history: torch.Tensor, user: torch.Tensor | None, context_hour: torch.Tensor,
                 profile: dict | None = None, item_vectors: torch.Tensor | None = None) -> torch.Tensor:
@@ -92,15 +132,17 @@ class MultimodalRecommender(pl.LightningModule):
                               generator=self._negative_generator)
         negatives = self.negative_pool[draws]
         pool, inverse = torch.unique(torch.cat([history.flatten(), positives, negatives]), return_inverse=True)
-        pool_vectors = self.item_vectors(pool)  # (U, d)
+        pool_vectors, pool_biases = self.item_embeddings(pool)  # (U, d), (U,)
         n_hist = history.numel()
         vectors = pool_vectors[inverse[:n_hist]].view(*history.shape, -1)
         queries = F.normalize(self.history_encoder(vectors, history != self.pad, self.users(batch["user"]),
                                                    batch["context_hour"]), dim=-1)[valid]  # (P, d)
         candidates, labels = torch.unique(torch.cat([positives, negatives]), return_inverse=True)
         labels = labels[: len(positives)]
-        cand_vectors = pool_vectors[torch.searchsorted(pool, candidates)]  # (C, d)
-        similarity = queries @ cand_vectors.T  # (P, C) cosine
+        in_pool = torch.searchsorted(pool, candidates)
+        cand_vectors = pool_vectors[in_pool]  # (C, d)
+        # (P, C) retrieval scores: cosine (+ temperature * item bias), as evaluation and serving score
+        similarity = queries @ cand_vectors.T + self.hparams.temperature * pool_biases[in_pool]
         correction = self._log_inclusion(candidates, len(positives)) if self.hparams.logq else None
         logits = similarity / self.hparams.temperature
         retrieval_loss = F.cross_entropy(logits if correction is None else logits - correction, labels)
@@ -142,11 +184,17 @@ class MultimodalRecommender(pl.LightningModule):
         return F.cross_entropy(scores, target)
 
     # ---- evaluation -----------------------------------------------------------------------------------
-    def score_batch(self, batch: dict, item_vectors: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Full-catalogue scores (B, N): "retrieval" alone and "ranked" (top candidates re-ranked)."""
+    def score_batch(self, batch: dict, item_vectors: torch.Tensor,
+                    item_biases: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Full-catalogue scores (B, N): "retrieval" alone and "ranked" (top candidates re-ranked).
+        item_vectors (N, d) and item_biases (N,) from `all_item_embeddings` (biases required with item_bias)."""
+        if self.bias_head is not None and item_biases is None:
+            raise ValueError("this model scores with item biases: pass all_item_embeddings()'s biases")
         query = self.queries(batch["history"], batch["user"], batch["context_hour"], batch.get("profile"),
                              item_vectors)[:, -1]  # (B, d)
         retrieval = query @ item_vectors.T  # (B, N) cosine
+        if self.bias_head is not None:
+            retrieval = retrieval + self.hparams.temperature * item_biases
         out = {"retrieval": retrieval}
         if self.ranker is not None:
             masked = retrieval.clone()
@@ -161,12 +209,12 @@ class MultimodalRecommender(pl.LightningModule):
         """Under DDP each rank evaluates its own slice of the users (the DataModule's eval shards), with rank
         0's normalisation statistics (the model rank 0 checkpoints); `_end_eval` sums the states."""
         broadcast_running_stats(self)
-        self._all_items = self.all_item_vectors()
+        self._all_items, self._all_biases = self.all_item_embeddings()
         self.evaluators = {f"{stage}{suffix}": RankingEvaluator(self.n_items, self.ks)
                            for stage in stages for suffix in ("", "/retrieval")}
 
     def _eval_step(self, batch: dict, stage: str) -> None:
-        scores = self.score_batch(batch, self._all_items)
+        scores = self.score_batch(batch, self._all_items, self._all_biases)
         final = scores.get("ranked", scores["retrieval"])
         args = (batch["target"], batch["exclude_rows"], batch["exclude_cols"])
         self.evaluators[stage].update(final, *args)
@@ -192,7 +240,7 @@ class MultimodalRecommender(pl.LightningModule):
         # keeps Lightning from warning that epoch-level values are not synced
         self.log_dict(headline, prog_bar=True, sync_dist=True, reduce_fx="max")
         self.log_dict({k: v for k, v in logged.items() if k not in headline}, sync_dist=True, reduce_fx="max")
-        self._all_items = None
+        self._all_items = self._all_biases = None
         return logged
 
     def on_validation_epoch_start(self) -> None:
@@ -217,7 +265,8 @@ class MultimodalRecommender(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["multimodal_rec"] = {
             "config": self.run_config, "data_fingerprint": self.data_fingerprint, "n_items": self.n_items,
-            "dim": self.hparams.dim, "metric": "cosine", "normalised": True,
+            "dim": self.hparams.dim, "metric": "cosine" if self.bias_head is None else "cosine+item_bias",
+            "normalised": True,
             "world_size": self._trainer.world_size if self._trainer is not None else 1,
         }
 

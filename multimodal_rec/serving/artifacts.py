@@ -48,7 +48,7 @@ class Artifacts:
     parts: dict
     catalog: pd.DataFrame  # one row per item, in the order of `item_ids`
     item_ids: np.ndarray  # (N,) int64 external ids
-    item_vectors: np.ndarray  # (N, d) float32, L2-normalised
+    item_vectors: np.ndarray  # (N, dim) float32, as exported: unit tower vectors (+ the item-bias column)
     user_ids: np.ndarray
     user_vectors: np.ndarray
     modality_parts: np.ndarray | None  # (N, M, d) float16
@@ -61,7 +61,17 @@ class Artifacts:
 
     @property
     def dim(self) -> int:
+        """Width of the exported vectors the index searches."""
         return int(self.manifest["dim"])
+
+    @property
+    def item_dim(self) -> int:
+        """Width of the towers' vectors: `dim` less the bias column when the model has item biases."""
+        return int(self.parts.get("item_dim", self.dim))
+
+    def tower_vectors(self, rows: np.ndarray) -> np.ndarray:
+        """(R, item_dim) unit item vectors (no bias column): history inputs, item-item similarity, ranker."""
+        return self.item_vectors[rows, : self.item_dim]
 
     def user_history(self, user_id: int) -> np.ndarray:
         lo, hi = self.history_offsets[user_id]

@@ -21,7 +21,7 @@ MAX_FETCH = 4096  # FAISS candidates fetched before falling back to scoring the 
 
 @dataclass
 class Query:
-    vector: np.ndarray  # (d,) float32, L2-normalised
+    vector: np.ndarray  # (dim,) float32: the L2-normalised query (+ a 1 for the bias column), as exported
     history_rows: np.ndarray  # rows of the history items (for exclusion and reasons)
     strategy: str  # "history" | "profile" | "popularity"
 
@@ -71,14 +71,16 @@ def build_query(artifacts: Artifacts, user_id: int | None, history: list[int] | 
     rows = np.concatenate([stored_rows, session_rows])[-parts["max_len"]:]
     if not len(rows) and not profile and base_profile is None:  # nothing known: the most popular items
         return Query(np.empty(0, dtype=np.float32), rows, "popularity")
-    vectors = torch.from_numpy(artifacts.item_vectors[rows]).unsqueeze(0)  # (1, L, d)
+    vectors = torch.from_numpy(artifacts.tower_vectors(rows)).unsqueeze(0)  # (1, L, d)
     if not len(rows):
-        vectors = torch.zeros(1, 1, artifacts.dim)
+        vectors = torch.zeros(1, 1, artifacts.item_dim)
     mask = torch.ones(vectors.shape[:2], dtype=torch.bool) if len(rows) else torch.zeros(1, 1, dtype=torch.bool)
     codes = _profile_codes(artifacts, profile, base_profile)
     hours = torch.tensor([hour if hour is not None else 12])
     query = parts["history_encoder"](vectors, mask, codes, hours)[:, -1]
     vector = F.normalize(query, dim=-1)[0].numpy().astype(np.float32)
+    if artifacts.dim > artifacts.item_dim:  # item biases: q . [v, t * b] = cos + t * b
+        vector = np.append(vector, np.float32(1.0))
     return Query(vector, rows, "history" if len(rows) else "profile")
 
 
@@ -121,8 +123,9 @@ def rerank(artifacts: Artifacts, query: Query, rows: np.ndarray, retrieval: np.n
     ranker = artifacts.parts["ranker"]
     if ranker is None or not len(rows):
         return retrieval
-    items = torch.from_numpy(artifacts.item_vectors[rows]).unsqueeze(0)  # (1, C, d)
-    scores = ranker(torch.from_numpy(query.vector)[None], items, torch.from_numpy(retrieval)[None].float())
+    items = torch.from_numpy(artifacts.tower_vectors(rows)).unsqueeze(0)  # (1, C, d)
+    query_vector = torch.from_numpy(query.vector[: artifacts.item_dim])[None]
+    scores = ranker(query_vector, items, torch.from_numpy(retrieval)[None].float())
     return scores[0].numpy()
 
 
@@ -132,9 +135,9 @@ def reasons(artifacts: Artifacts, query: Query, rows: np.ndarray) -> list[dict]:
         kind = {"profile": "matches the profile given", "popularity": "popular in the catalogue"}[query.strategy]
         return [{"kind": query.strategy, "text": kind} for _ in rows]
     history = np.unique(query.history_rows)
-    similarity = artifacts.item_vectors[rows] @ artifacts.item_vectors[history].T  # (C, H)
+    similarity = artifacts.tower_vectors(rows) @ artifacts.tower_vectors(history).T  # (C, H) cosine
     anchors = history[similarity.argmax(1)]  # (C,)
-    names, cosines = artifacts.parts["modalities"], None
+    names, cosines = artifacts.parts.get("part_names", artifacts.parts["modalities"]), None
     if artifacts.modality_parts is not None:
         a = artifacts.modality_parts[anchors].astype(np.float32)  # (C, M, d)
         b = artifacts.modality_parts[rows].astype(np.float32)
@@ -188,7 +191,9 @@ def similar(artifacts: Artifacts, item_id: int, k: int) -> dict:
     rows, unknown = artifacts.rows([item_id])
     if unknown:
         raise RequestError(404, f"unknown item id {item_id}", unknown_item_ids=unknown)
-    query = Query(artifacts.item_vectors[rows[0]], rows, "history")
+    vector = np.zeros(artifacts.dim, dtype=np.float32)  # the bias column (if any) stays 0: pure cosine
+    vector[: artifacts.item_dim] = artifacts.tower_vectors(rows[:1])[0]
+    query = Query(vector, rows, "history")
     found, scores = _retrieve(artifacts, query, k, None, {int(rows[0])})
     return _answer(artifacts, query, found, scores, scores)
 

@@ -18,6 +18,7 @@ from PIL import Image
 
 from multimodal_rec.data.features import standardised_rank, tokenize
 from multimodal_rec.data.images import to_tensor
+from multimodal_rec.models.content_graph import nearest, unit_features
 from multimodal_rec.serving.errors import RequestError
 
 MAX_IMAGE_PIXELS = 40_000_000
@@ -58,6 +59,7 @@ class NewItemEncoder:
         parts, vocab = self.parts, self.parts["vocabularies"]
         modalities = parts["modalities"]
         inputs = {"item": torch.tensor([parts["n_items"]]), "known": torch.tensor([False])}
+        frozen = {}  # kind -> (frozen features (1, F), present): what content neighbours are found by
         if "image" in modalities:
             has_image = image_base64 is not None
             pixels = decode_image(image_base64, parts["image_size"]) if has_image else torch.zeros(
@@ -67,6 +69,7 @@ class NewItemEncoder:
             else:
                 encoder = self._encoder("image")
                 inputs["image"] = encoder(pixels) if has_image else torch.zeros(1, encoder.out_dim)
+                frozen["image"] = (inputs["image"], has_image)
             inputs["has_image"] = torch.tensor([has_image])
         if "text" in modalities:
             has_text = bool(text and text.strip())
@@ -75,9 +78,22 @@ class NewItemEncoder:
                 inputs["text_ids"], inputs["text_mask"] = ids, mask
             else:
                 inputs["text"] = self._encoder("text")(ids, mask)
+                frozen["text"] = (inputs["text"], has_text)
             inputs["has_text"] = torch.tensor([has_text])
+        if getattr(self.tower, "neighbours", 0):
+            inputs["neighbours"], inputs["neighbour_weights"] = self._neighbours(frozen)
         inputs.update(self._attributes(vocab, attributes))
         return inputs
+
+    def _neighbours(self, frozen: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The new item's content neighbours among the warm catalogue items, found as training found them;
+        none (zero weights) when the artifacts did not keep the catalogue's features."""
+        graph, k = self.parts.get("content_graph"), self.tower.neighbours
+        if graph is None:
+            return torch.zeros(1, k, dtype=torch.long), torch.zeros(1, k)
+        queries = unit_features([frozen[kind][0] for kind in graph["kinds"]],
+                                [torch.tensor([frozen[kind][1]]) for kind in graph["kinds"]])
+        return nearest(queries, [u.float() for u in graph["units"]], graph["pool"], graph["k"])
 
     @staticmethod
     def _attributes(vocab: dict, attributes: dict) -> dict:
@@ -113,16 +129,21 @@ class NewItemEncoder:
     @torch.no_grad()
     def encode(self, text: str | None, image_base64: str | None, attributes: dict) -> tuple[np.ndarray,
                                                                                                np.ndarray | None]:
-        """(vector (d,) L2-normalised, per-modality parts (M, d) or None)."""
+        """(vector (dim,): L2-normalised, + temperature * bias with item biases; per-modality parts (M, d)
+        or None)."""
         inputs = self.inputs(text, image_base64, attributes)
         captured = []
         fusion = getattr(self.tower, "fusion", None)
         with self._lock:  # the hook is shared state: one encoding at a time
             hook = fusion.register_forward_pre_hook(lambda m, args: captured.append(args[0])) if fusion else None
             try:
-                vector = F.normalize(self.tower(inputs), dim=-1)[0]
+                raw = self.tower(inputs)
+                vector = F.normalize(raw, dim=-1)[0]
             finally:
                 if hook is not None:
                     hook.remove()
         parts = captured[0][0].half().numpy() if captured else None
+        bias = self.parts.get("item_bias")
+        if bias is not None:  # the column the exported item vectors carry
+            vector = torch.cat([vector, bias["temperature"] * bias["head"](raw)[0]])
         return vector.float().numpy(), parts

@@ -4,7 +4,8 @@
                     the frozen encoders, the vocabularies that turn a new item into tower inputs,
                     and every known user's history (external item ids)
   catalog.parquet   item_id, title, attributes (for filters and answers), training popularity, cold flag
-  modality_parts.npy  (N, M, d) float16: each item's per-modality vectors, for the reasons
+  modality_parts.npy  (N, M, d) float16: each item's per-modality vectors (and content-neighbour part), for
+                    the reasons
 
 Serving then starts from the artifact folder alone, without the training data or code paths.
 """
@@ -21,12 +22,14 @@ import torch
 
 from multimodal_rec.data.sequences import hour_of_day
 from multimodal_rec.embeddings import atomic_file
+from multimodal_rec.models.content_graph import unit_features
 
 log = logging.getLogger(__name__)
 
 PARTS_FORMAT = "multimodal_rec.serving/1"
 MODEL_FILE, CATALOG_FILE, MODALITY_PARTS_FILE = "model.pt", "catalog.parquet", "modality_parts.npy"
 MAX_PARTS_ITEMS = 2_000_000  # beyond this the per-modality vectors would not fit comfortably; reasons omit them
+MAX_GRAPH_VALUES = 400_000_000  # float16 feature values of the warm items kept for new items' content neighbours
 
 
 def _vocabularies(datamodule) -> dict:
@@ -86,6 +89,25 @@ def modality_parts(model, chunk: int = 4096) -> np.ndarray | None:
     return torch.cat(captured).numpy()
 
 
+def content_graph_parts(model) -> dict | None:
+    """What a new item's content neighbours are found among: the warm items' unit image/text features (the
+    frozen ones the training graph was built from), or None when the tower has no neighbour part."""
+    k, items = getattr(model.item_tower, "neighbours", 0), model.items
+    if not k:
+        return None
+    kinds = [kind for kind in ("image", "text") if kind in dict(items.named_buffers())]
+    pool = torch.nonzero(items.known[:-1]).squeeze(1)
+    size = len(pool) * sum(getattr(items, kind).shape[1] for kind in kinds)
+    if size > MAX_GRAPH_VALUES:
+        log.warning("%d feature values are too many to keep for new items' content neighbours; items added "
+                    "while serving will have none", size)
+        return None
+    units = unit_features([getattr(items, kind)[pool] for kind in kinds],
+                          [getattr(items, f"has_{kind}")[pool] for kind in kinds])
+    return {"k": int(items.neighbours.shape[1]), "kinds": kinds, "pool": pool.cpu(),
+            "units": [u.half().cpu() for u in units]}
+
+
 def write_serving_parts(model, datamodule, out: str | Path, manifest: dict) -> None:
     out = Path(out)
     cfg = model.run_config
@@ -95,11 +117,17 @@ def write_serving_parts(model, datamodule, out: str | Path, manifest: dict) -> N
         "format": PARTS_FORMAT,
         "checkpoint_sha256": manifest["checkpoint_sha256"],
         "data_fingerprint": manifest["data_fingerprint"],
-        "dim": int(model.hparams.dim),
+        "dim": int(model.retrieval_dim),  # of the exported vectors (the bias column included)
+        "item_dim": int(model.hparams.dim),  # of the towers' vectors
+        # retrieval score = cos + temperature * head(unnormalised item vector); None: plain cosine
+        "item_bias": None if model.bias_head is None else {
+            "head": copy.deepcopy(model.bias_head).cpu().eval(), "temperature": float(model.hparams.temperature)},
         "rerank_top": int(model.hparams.rerank_top),
         "max_len": int(datamodule.max_len),
         "n_items": int(model.n_items),
         "modalities": list(model.item_tower.modalities),
+        "part_names": list(model.item_tower.part_names),  # the fusion's inputs, named in the reasons
+        "content_graph": content_graph_parts(model),
         "item_tower": copy.deepcopy(model.item_tower).cpu().eval(),
         "history_encoder": copy.deepcopy(model.history_encoder).cpu().eval(),
         "ranker": copy.deepcopy(model.ranker).cpu().eval() if model.ranker is not None else None,

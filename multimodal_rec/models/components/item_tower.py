@@ -34,14 +34,15 @@ class ItemTower(nn.Module):
     def __init__(self, dim: int, n_items: int, image_dim: int = 0, text_dim: int = 0,
                  categorical_sizes: tuple = (), n_multi: int = 0, n_numeric: int = 0,
                  modalities: tuple = MODALITIES, id_dropout: float = 0.2, fusion: str = "gated",
-                 dropout: float = 0.1, feature_dropout: float | None = None,
-                 image_encoder: nn.Module | None = None, text_encoder: nn.Module | None = None):
+                 dropout: float = 0.1, feature_dropout: float | None = None, neighbours: int = 0,
+                 content_shrinkage: float = 0.0, image_encoder: nn.Module | None = None,
+                 text_encoder: nn.Module | None = None):
         super().__init__()
         unknown = sorted(set(modalities) - set(MODALITIES))
         if unknown or not modalities:
             raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {modalities}")
         self.modalities = tuple(m for m in MODALITIES if m in modalities)
-        self.dim, self.id_dropout = dim, id_dropout
+        self.dim, self.id_dropout, self.content_shrinkage = dim, id_dropout, content_shrinkage
         feature_dropout = dropout if feature_dropout is None else feature_dropout
         if "id" in self.modalities:
             self.id_embedding = nn.Embedding(n_items + 1, dim)
@@ -57,8 +58,11 @@ class ItemTower(nn.Module):
             self.missing_text = nn.Parameter(torch.zeros(dim))
         if "attributes" in self.modalities:
             self.attributes = AttributeEncoder(dim, list(categorical_sizes), n_multi, n_numeric, init_std=ID_INIT_STD)
+        # the mean ID embedding of the item's content neighbours (content_graph.py): needs IDs and content
+        self.neighbours = neighbours if "id" in self.modalities and {"image", "text"} & set(self.modalities) else 0
+        self.part_names = self.modalities + (("neighbours",) if self.neighbours else ())
         fusion_cls = {"gated": GatedFusion, "concat": ConcatFusion, "residual": ResidualFusion}[fusion]
-        self.fusion = fusion_cls(dim, len(self.modalities), dropout=dropout)
+        self.fusion = fusion_cls(dim, len(self.part_names), dropout=dropout)
 
     @staticmethod
     def _fill(vectors: torch.Tensor, present: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
@@ -67,7 +71,9 @@ class ItemTower(nn.Module):
     def forward(self, inputs: dict) -> torch.Tensor:
         """inputs: "item" (B,), "known" (B,) bool, then per modality the features ("image" (B, F) or
         "pixels" (B, 3, H, W) with an image encoder; "text" (B, F) or "text_ids"/"text_mask"), "has_image",
-        "has_text", and "categorical", "multi_hot", "numeric", "numeric_missing"."""
+        "has_text", and "categorical", "multi_hot", "numeric", "numeric_missing"; "neighbours" and
+        "neighbour_weights" (B, k) with content neighbours; "popularity" (B,) training counts with
+        content_shrinkage (absent: 0)."""
         parts = []
         if "id" in self.modalities:
             known = inputs["known"]
@@ -86,4 +92,21 @@ class ItemTower(nn.Module):
         if "attributes" in self.modalities:
             parts.append(self.attributes(inputs["categorical"], inputs.get("multi_hot"), inputs.get("numeric"),
                                          inputs.get("numeric_missing")))
-        return self.fusion(torch.stack(parts, dim=-2))  # (B, d)
+        if getattr(self, "neighbours", 0):  # getattr: towers pickled in older artifacts lack these
+            weights = inputs["neighbour_weights"].unsqueeze(-1)  # (B, k, 1)
+            parts.append((weights * self.id_embedding(inputs["neighbours"])).sum(-2))  # (B, d)
+        parts = torch.stack(parts, dim=-2)  # (B, M, d)
+        if getattr(self, "content_shrinkage", 0) > 0 and "id" in self.modalities and parts.shape[1] > 1:
+            parts = parts * self._content_weights(inputs, known).unsqueeze(-1)
+        return self.fusion(parts)  # (B, d)
+
+    def _content_weights(self, inputs: dict, known: torch.Tensor) -> torch.Tensor:
+        """(B, M): 1 for the ID part; c / (c + n) for the content parts of an item whose ID is used and that
+        has n training interactions (a prior's weight against the evidence: popular items lean on their
+        IDs, rare ones on content); 1 when the ID is not used (cold, new, or dropped in training)."""
+        popularity = inputs.get("popularity")
+        popularity = torch.zeros_like(known, dtype=torch.float) if popularity is None else popularity.float()
+        shrink = self.content_shrinkage / (self.content_shrinkage + popularity)  # (B,)
+        shrink = torch.where(known, shrink, torch.ones_like(shrink))
+        n_content = len(self.part_names) - 1
+        return torch.cat([torch.ones_like(shrink)[:, None], shrink[:, None].expand(-1, n_content)], dim=1)
