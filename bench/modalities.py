@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from multimodal_rec.training import retest, train, write_json_atomic
 
 VARIANTS = {
-    # item biases help content models and cost the ID-only GRU (0.078 against 0.085 NDCG@10, two seeds): each
+    # item biases help content models and cost the ID-only GRU (0.078 against 0.085 NDCG@10 in a trial): each
     # variant runs in its better setting
     "id": ("ID-only GRU", ["model.modalities=[id]", "model.recommender.item_bias=false"]),
     "text": ("+ text", ["model.modalities=[id,text]"]),
