@@ -14,7 +14,6 @@ from torch import nn
 
 from multimodal_rec.models import feature_cache
 from multimodal_rec.models.components.item_tower import MODALITIES
-from multimodal_rec.models.content_graph import content_neighbours
 from multimodal_rec.models.item_inputs import ItemInputs, UserInputs
 
 if TYPE_CHECKING:
@@ -77,16 +76,10 @@ def build_bundle(datamodule: RecDataModule, modalities=MODALITIES, image_encoder
 
     train = split.train_interactions()
     popularity = torch.from_numpy(np.bincount(train["item"].to_numpy(), minlength=split.n_items))
-    graph = None
-    if neighbours and "id" in modalities and (image is not None or text is not None):
-        tables = [(image["features"][:-1], items.has_image[:-1] & image["ok"][:-1])] if image is not None else []
-        if text is not None:
-            tables.append((text["features"][:-1], items.has_text[:-1]))
-        graph = content_neighbours([t[0] for t in tables], [t[1] for t in tables], popularity > 0, neighbours)
     item_inputs = ItemInputs(items, known=popularity > 0, image=image, text=text, image_size=image_size,
                              raw_images=image_module is not None, raw_text=text_module is not None,
-                             neighbours=graph, popularity=popularity)
-    tower_sizes["neighbours"] = neighbours if graph is not None else 0
+                             neighbours=neighbours if "id" in modalities else 0, popularity=popularity)
+    tower_sizes["neighbours"] = item_inputs.n_neighbours
     tower_sizes.update(categorical_sizes=tuple(items.categorical_sizes), n_multi=items.multi_hot.shape[1],
                        n_numeric=items.numeric.shape[1])
     users = datamodule.user_features

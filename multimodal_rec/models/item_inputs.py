@@ -7,6 +7,7 @@ from torch import nn
 
 from multimodal_rec.data.features import ItemFeatures, UserFeatures
 from multimodal_rec.data.images import ItemImages
+from multimodal_rec.models.content_graph import content_neighbours
 
 
 class ItemInputs(nn.Module):
@@ -16,8 +17,7 @@ class ItemInputs(nn.Module):
 
     def __init__(self, items: ItemFeatures, known: torch.Tensor, image: dict | None = None,
                  text: dict | None = None, image_size: int = 224, raw_images: bool = False,
-                 raw_text: bool = False, neighbours: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 popularity: torch.Tensor | None = None):
+                 raw_text: bool = False, neighbours: int = 0, popularity: torch.Tensor | None = None):
         super().__init__()
         self.n_items = items.n_items
 
@@ -46,10 +46,20 @@ class ItemInputs(nn.Module):
         if raw_text:
             buffer("text_ids", items.text_ids)
             buffer("text_mask", items.text_mask)
-        if neighbours is not None:  # (N, k) each; the padding row has no neighbours
-            index, weight = neighbours
-            buffer("neighbours", torch.cat([index, torch.full((1, index.shape[1]), self.n_items)]))
-            buffer("neighbour_weights", torch.cat([weight, torch.zeros(1, weight.shape[1])]))
+        self.n_neighbours = 0  # k of the content-neighbour tables; 0: none (no k asked, or no frozen content)
+        kinds, features, present = self.frozen_content()
+        if neighbours and kinds:  # (N+1, k) each; the padding row has no neighbours
+            index, weight = content_neighbours(features, present, known, neighbours)
+            self.n_neighbours = index.shape[1]
+            buffer("neighbours", torch.cat([index, torch.full((1, self.n_neighbours), self.n_items)]))
+            buffer("neighbour_weights", torch.cat([weight, torch.zeros(1, self.n_neighbours)]))
+
+    def frozen_content(self) -> tuple[list[str], list[torch.Tensor], list[torch.Tensor]]:
+        """(kinds, (N, F) frozen feature tables, (N,) presence flags) of the image/text features held here,
+        padding row left out: what content neighbours are found by."""
+        kinds = [kind for kind in ("image", "text") if kind in self._buffers]
+        return (kinds, [self._buffers[kind][:-1] for kind in kinds],
+                [self._buffers[f"has_{kind}"][:-1] for kind in kinds])
 
     def forward(self, index: torch.Tensor) -> dict:
         """index (B,) item indices (n_items = padding) -> the tower's inputs for those items."""

@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from multimodal_rec.data.sequences import IGNORE_TARGET
 from multimodal_rec.distributed import broadcast_running_stats
 from multimodal_rec.evaluation.metrics import RankingEvaluator, all_reduce_evaluators
+from multimodal_rec.models.components.item_bias import ItemBias
 
 if TYPE_CHECKING:
     from multimodal_rec.models.encoders_setup import EncoderBundle
@@ -50,10 +50,7 @@ class MultimodalRecommender(pl.LightningModule):
                                      text_encoder=bundle.text_encoder, **bundle.tower_sizes)
         self.history_encoder = history_encoder(dim=dim, **bundle.user_sizes)
         self.ranker = ranker(dim=dim) if ranker is not None else None
-        self.bias_head = nn.Linear(dim, 1) if item_bias else None
-        if self.bias_head is not None:  # starts at zero: plain cosine retrieval
-            nn.init.zeros_(self.bias_head.weight)
-            nn.init.zeros_(self.bias_head.bias)
+        self.bias_head = ItemBias(dim, temperature) if item_bias else None
         self.register_buffer("log_popularity", torch.log(bundle.popularity.float().clamp_min(1.0)), persistent=False)
         # negatives come only from items seen in training: held-out (cold) items must not be in training at
         # all, or the model learns to push exactly them down
@@ -70,10 +67,12 @@ class MultimodalRecommender(pl.LightningModule):
 
     # ---- towers ---------------------------------------------------------------------------------------
     def item_embeddings(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """index (B,) -> (L2-normalised item vectors (B, d), retrieval biases (B,); zeros without item_bias)."""
+        """index (B,) -> (L2-normalised item vectors (B, d), retrieval biases (B,): temperature * b, added to
+        the cosine; zeros without item_bias)."""
         raw = self.item_tower(self.items(index))
-        bias = self.bias_head(raw).squeeze(-1) if self.bias_head is not None else raw.new_zeros(len(raw))
-        return F.normalize(raw, dim=-1), bias
+        if self.bias_head is None:
+            return F.normalize(raw, dim=-1), raw.new_zeros(len(raw))
+        return F.normalize(raw, dim=-1), self.bias_head(raw)
 
     def item_vectors(self, index: torch.Tensor) -> torch.Tensor:
         """index (B,) -> L2-normalised item vectors (B, d)."""
@@ -85,20 +84,16 @@ class MultimodalRecommender(pl.LightningModule):
         parts = [self.item_embeddings(index[i:i + chunk]) for i in range(0, self.n_items, chunk)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
-    def all_item_vectors(self, chunk: int = 4096) -> torch.Tensor:
-        """(N, d) vectors of the whole catalogue (cold items from content)."""
-        return self.all_item_embeddings(chunk)[0]
-
     @property
     def retrieval_dim(self) -> int:
         """Width of the exported (searched) vectors: d, plus the bias column with item_bias."""
         return self.hparams.dim + (self.bias_head is not None)
 
     def retrieval_items(self, vectors: torch.Tensor, biases: torch.Tensor) -> torch.Tensor:
-        """(B, d), (B,) -> (B, retrieval_dim): what an inner-product index holds for items."""
+        """(B, d), (B,) from `item_embeddings` -> (B, retrieval_dim): what an inner-product index holds."""
         if self.bias_head is None:
             return vectors
-        return torch.cat([vectors, self.hparams.temperature * biases.unsqueeze(-1)], dim=-1)
+        return torch.cat([vectors, biases.unsqueeze(-1)], dim=-1)
 
     def retrieval_queries(self, queries: torch.Tensor) -> torch.Tensor:
         """(B, d) normalised queries -> (B, retrieval_dim): q . item = cos + temperature * bias."""
@@ -142,7 +137,7 @@ class MultimodalRecommender(pl.LightningModule):
         in_pool = torch.searchsorted(pool, candidates)
         cand_vectors = pool_vectors[in_pool]  # (C, d)
         # (P, C) retrieval scores: cosine (+ temperature * item bias), as evaluation and serving score
-        similarity = queries @ cand_vectors.T + self.hparams.temperature * pool_biases[in_pool]
+        similarity = queries @ cand_vectors.T + pool_biases[in_pool]
         correction = self._log_inclusion(candidates, len(positives)) if self.hparams.logq else None
         logits = similarity / self.hparams.temperature
         retrieval_loss = F.cross_entropy(logits if correction is None else logits - correction, labels)
@@ -193,8 +188,8 @@ class MultimodalRecommender(pl.LightningModule):
         query = self.queries(batch["history"], batch["user"], batch["context_hour"], batch.get("profile"),
                              item_vectors)[:, -1]  # (B, d)
         retrieval = query @ item_vectors.T  # (B, N) cosine
-        if self.bias_head is not None:
-            retrieval = retrieval + self.hparams.temperature * item_biases
+        if item_biases is not None:
+            retrieval = retrieval + item_biases
         out = {"retrieval": retrieval}
         if self.ranker is not None:
             masked = retrieval.clone()

@@ -47,6 +47,8 @@ class NewItemEncoder:
         self.parts = parts
         self.tower = parts["item_tower"]
         self._lock = threading.Lock()
+        graph = parts.get("content_graph")  # float32 once here, not per request
+        self._graph_units = [u.float() for u in graph["units"]] if graph is not None else None
 
     def _encoder(self, kind: str):
         encoder = self.parts["frozen_encoders"].get(kind)
@@ -80,7 +82,7 @@ class NewItemEncoder:
                 inputs["text"] = self._encoder("text")(ids, mask)
                 frozen["text"] = (inputs["text"], has_text)
             inputs["has_text"] = torch.tensor([has_text])
-        if getattr(self.tower, "neighbours", 0):
+        if self.tower.neighbours:
             inputs["neighbours"], inputs["neighbour_weights"] = self._neighbours(frozen)
         inputs.update(self._attributes(vocab, attributes))
         return inputs
@@ -93,7 +95,7 @@ class NewItemEncoder:
             return torch.zeros(1, k, dtype=torch.long), torch.zeros(1, k)
         queries = unit_features([frozen[kind][0] for kind in graph["kinds"]],
                                 [torch.tensor([frozen[kind][1]]) for kind in graph["kinds"]])
-        return nearest(queries, [u.float() for u in graph["units"]], graph["pool"], graph["k"])
+        return nearest(queries, self._graph_units, graph["pool"], graph["k"])
 
     @staticmethod
     def _attributes(vocab: dict, attributes: dict) -> dict:
@@ -145,5 +147,5 @@ class NewItemEncoder:
         parts = captured[0][0].half().numpy() if captured else None
         bias = self.parts.get("item_bias")
         if bias is not None:  # the column the exported item vectors carry
-            vector = torch.cat([vector, bias["temperature"] * bias["head"](raw)[0]])
+            vector = torch.cat([vector, bias(raw)])
         return vector.float().numpy(), parts

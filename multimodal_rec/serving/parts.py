@@ -91,21 +91,19 @@ def modality_parts(model, chunk: int = 4096) -> np.ndarray | None:
 
 def content_graph_parts(model) -> dict | None:
     """What a new item's content neighbours are found among: the warm items' unit image/text features (the
-    frozen ones the training graph was built from), or None when the tower has no neighbour part."""
-    k, items = getattr(model.item_tower, "neighbours", 0), model.items
-    if not k:
+    frozen ones the training graph was built from), or None when the model has no content neighbours."""
+    items = model.items
+    if not items.n_neighbours:
         return None
-    kinds = [kind for kind in ("image", "text") if kind in dict(items.named_buffers())]
+    kinds, features, present = items.frozen_content()
     pool = torch.nonzero(items.known[:-1]).squeeze(1)
-    size = len(pool) * sum(getattr(items, kind).shape[1] for kind in kinds)
+    size = len(pool) * sum(f.shape[1] for f in features)
     if size > MAX_GRAPH_VALUES:
         log.warning("%d feature values are too many to keep for new items' content neighbours; items added "
                     "while serving will have none", size)
         return None
-    units = unit_features([getattr(items, kind)[pool] for kind in kinds],
-                          [getattr(items, f"has_{kind}")[pool] for kind in kinds])
-    return {"k": int(items.neighbours.shape[1]), "kinds": kinds, "pool": pool.cpu(),
-            "units": [u.half().cpu() for u in units]}
+    units = unit_features([f[pool] for f in features], [p[pool] for p in present])
+    return {"k": items.n_neighbours, "kinds": kinds, "pool": pool.cpu(), "units": [u.half().cpu() for u in units]}
 
 
 def write_serving_parts(model, datamodule, out: str | Path, manifest: dict) -> None:
@@ -119,9 +117,8 @@ def write_serving_parts(model, datamodule, out: str | Path, manifest: dict) -> N
         "data_fingerprint": manifest["data_fingerprint"],
         "dim": int(model.retrieval_dim),  # of the exported vectors (the bias column included)
         "item_dim": int(model.hparams.dim),  # of the towers' vectors
-        # retrieval score = cos + temperature * head(unnormalised item vector); None: plain cosine
-        "item_bias": None if model.bias_head is None else {
-            "head": copy.deepcopy(model.bias_head).cpu().eval(), "temperature": float(model.hparams.temperature)},
+        # unnormalised item vector -> temperature * bias, the retrieval score's second term; None: plain cosine
+        "item_bias": copy.deepcopy(model.bias_head).cpu().eval() if model.bias_head is not None else None,
         "rerank_top": int(model.hparams.rerank_top),
         "max_len": int(datamodule.max_len),
         "n_items": int(model.n_items),

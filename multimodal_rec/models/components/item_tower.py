@@ -31,6 +31,10 @@ def _projection(in_dim: int, dim: int, dropout: float) -> nn.Module:
 
 
 class ItemTower(nn.Module):
+    # class-level defaults: towers pickled in artifacts from before these settings read them from here
+    neighbours: int = 0
+    content_shrinkage: float = 0.0
+
     def __init__(self, dim: int, n_items: int, image_dim: int = 0, text_dim: int = 0,
                  categorical_sizes: tuple = (), n_multi: int = 0, n_numeric: int = 0,
                  modalities: tuple = MODALITIES, id_dropout: float = 0.2, fusion: str = "gated",
@@ -92,11 +96,11 @@ class ItemTower(nn.Module):
         if "attributes" in self.modalities:
             parts.append(self.attributes(inputs["categorical"], inputs.get("multi_hot"), inputs.get("numeric"),
                                          inputs.get("numeric_missing")))
-        if getattr(self, "neighbours", 0):  # getattr: towers pickled in older artifacts lack these
+        if self.neighbours:
             weights = inputs["neighbour_weights"].unsqueeze(-1)  # (B, k, 1)
             parts.append((weights * self.id_embedding(inputs["neighbours"])).sum(-2))  # (B, d)
         parts = torch.stack(parts, dim=-2)  # (B, M, d)
-        if getattr(self, "content_shrinkage", 0) > 0 and "id" in self.modalities and parts.shape[1] > 1:
+        if self.content_shrinkage > 0 and "id" in self.modalities and parts.shape[1] > 1:
             parts = parts * self._content_weights(inputs, known).unsqueeze(-1)
         return self.fusion(parts)  # (B, d)
 
@@ -107,6 +111,6 @@ class ItemTower(nn.Module):
         popularity = inputs.get("popularity")
         popularity = torch.zeros_like(known, dtype=torch.float) if popularity is None else popularity.float()
         shrink = self.content_shrinkage / (self.content_shrinkage + popularity)  # (B,)
-        shrink = torch.where(known, shrink, torch.ones_like(shrink))
-        n_content = len(self.part_names) - 1
-        return torch.cat([torch.ones_like(shrink)[:, None], shrink[:, None].expand(-1, n_content)], dim=1)
+        weights = torch.ones(len(known), len(self.part_names), device=known.device)
+        weights[:, 1:] = torch.where(known, shrink, 1.0).unsqueeze(1)  # the ID part comes first
+        return weights
