@@ -56,6 +56,21 @@ def test_recommend_for_a_known_user(live):
     assert reason["because_of"] in seen and reason["modality"] in ("id", "image", "text", "attributes")
 
 
+def test_reasons_between_cold_items_leave_out_their_ids(live):
+    """Cold items all have the unknown-ID vector: their ID parts agree perfectly and say nothing, so a reason
+    between two of them must name what they do share (content), not "id"."""
+    client, service = live
+    catalog = service.artifacts.catalog
+    cold = [int(i) for i in catalog.loc[catalog["cold"], "item_id"]]
+    answer = client.post("/recommend", json={"history": cold[:2], "k": 5, "filters": {"cold": True}}).json()
+    assert len(answer["items"]) == 5  # a JSON true filters on the "cold" flag
+    for item in answer["items"]:
+        reason = item["reason"]
+        assert reason["because_of"] in cold[:2]
+        assert "id" not in reason["modality_similarity"] and reason["modality"] in ("image", "text", "attributes")
+        assert "mostly by id" not in reason["text"]
+
+
 def test_the_answer_follows_the_session(live):
     client, service = live
     items = [int(i) for i in service.artifacts.item_ids]

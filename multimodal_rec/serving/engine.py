@@ -142,20 +142,32 @@ def reasons(artifacts: Artifacts, query: Query, rows: np.ndarray) -> list[dict]:
         a = artifacts.modality_parts[anchors].astype(np.float32)  # (C, M, d)
         b = artifacts.modality_parts[rows].astype(np.float32)
         cosines = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-8)  # (C, M)
+        informative = _informative_parts(artifacts, names, anchors) & _informative_parts(artifacts, names, rows)
+        cosines = np.where(informative, cosines, np.nan)
     out = []
     best = similarity.max(1).astype(np.float64).round(4).tolist()  # float64 first: no 0.66850000619 in JSON
-    drivers = cosines.argmax(1).tolist() if cosines is not None else None
-    cosines = cosines.astype(np.float64).round(4).tolist() if cosines is not None else None
     for position, anchor in enumerate(anchors.tolist()):
         title = str(artifacts.titles[anchor])
         reason = {"kind": "history", "because_of": int(artifacts.item_ids[anchor]), "because_of_title": title,
                   "similarity": best[position], "modality": None, "text": f"similar to {title!r}"}
         if cosines is not None:
-            reason["modality_similarity"] = dict(zip(names, cosines[position]))
-            reason["modality"] = names[drivers[position]]
-            reason["text"] += f" (mostly by {reason['modality']})"
+            agree = {n: round(float(c), 4) for n, c in zip(names, cosines[position]) if not np.isnan(c)}
+            reason["modality_similarity"] = agree
+            if agree:
+                reason["modality"] = max(agree, key=agree.get)
+                reason["text"] += f" (mostly by {reason['modality']})"
         out.append(reason)
     return out
+
+
+def _informative_parts(artifacts: Artifacts, names: list[str], rows: np.ndarray) -> np.ndarray:
+    """(C, M) whether each fusion part of the items says something of its own: an item without training
+    interactions has the shared unknown-ID vector, one without an image or text the shared missing vector,
+    so two such items "agree" on that part (cosine 1) without being alike."""
+    catalog = artifacts.catalog
+    own = {"id": catalog["popularity"].to_numpy()[rows] > 0,
+           "image": catalog["has_image"].to_numpy(bool)[rows], "text": catalog["has_text"].to_numpy(bool)[rows]}
+    return np.stack([own.get(name, np.ones(len(rows), dtype=bool)) for name in names], axis=1)
 
 
 def recommend(artifacts: Artifacts, query: Query, k: int, filters: dict | None, exclude_seen: bool) -> dict:

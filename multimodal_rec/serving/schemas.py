@@ -17,7 +17,8 @@ class Range(BaseModel):
     max: float | None = None
 
 
-Filter = Range | str | int | float | list[str | int]
+# bool first: pydantic would otherwise turn a JSON true into 1, which matches no flag such as "cold"
+Filter = Range | bool | str | int | float | list[bool | str | int]
 
 
 class Context(BaseModel):
