@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import platform
+import threading
 import time
 from pathlib import Path
 
@@ -48,3 +50,14 @@ def print_tables(rows: dict[str, list], title: str, extra_columns: tuple) -> Non
     print(markdown_table(rows["test"], (*COLUMNS, *extra_columns)))
     print("\nCold-start items (never in training), same metrics:\n")
     print(markdown_table(rows["test_cold"], COLUMNS))
+
+
+def exit_with_parent(parent: int) -> None:
+    """Pool-worker initializer: the worker ends once the process that started it is gone (killed, say), rather
+    than training on into its run folder as an orphan."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(2)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()

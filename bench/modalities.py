@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import logging
 import multiprocessing
+import os
 import re
 import statistics
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from common import COLUMNS, data_overrides, print_tables, train_config
+from common import COLUMNS, data_overrides, exit_with_parent, print_tables, train_config
 from omegaconf import OmegaConf
 
 from multimodal_rec.training import retest, train, write_json_atomic
@@ -75,7 +76,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     base = data_overrides(args.data)
     rows = {"test": [], "test_cold": []}
-    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
         futures = {}
         for key in args.variants:
             name, overrides = VARIANTS[key]
