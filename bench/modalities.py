@@ -6,6 +6,7 @@ table shows the mean over seeds (and the standard deviation of NDCG@10).
     OMP_NUM_THREADS=1 python bench/modalities.py --jobs 2 --seeds 0 1 2   # two runs at a time
     python bench/modalities.py --data synthetic --variants id full -- trainer.max_epochs=5
     python bench/modalities.py --seeds 0 1 2 --retest   # test the runs' best checkpoints again, no training
+    python bench/modalities.py --seeds 0 1 2 3 --resume # train only what is missing, continue interrupted runs
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import statistics
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import torch
 from common import COLUMNS, data_overrides, exit_with_parent, print_tables, train_config
 from omegaconf import OmegaConf
 
@@ -37,13 +39,23 @@ VARIANTS = {
 COMPARED = ("seed", "data", "model", "trainer", "callbacks")  # what a retested run must share with the config
 
 
-def run_variant(out: Path, overrides: list[str], only_test: bool = False) -> dict:
+def run_variant(out: Path, overrides: list[str], only_test: bool = False, resume: bool = False) -> dict:
+    """Trains (or with only_test, tests again) one run. With resume, a run finished in `out` is tested again
+    instead of trained, and an interrupted one continues from its last.ckpt; either must have the settings."""
     logging.basicConfig(level=logging.WARNING)
     cfg = train_config(out, overrides)
-    if not only_test:
-        return train(cfg)
-    wanted = OmegaConf.to_container(cfg, resolve=True)
-    return retest(out, expect={key: wanted.get(key) for key in COMPARED})
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    wanted = {key: resolved.get(key) for key in COMPARED}
+    if only_test or (resume and (out / "metrics.json").is_file()):
+        return retest(out, expect=wanted)
+    last = out / "checkpoints" / "last.ckpt"
+    if resume and last.is_file():
+        saved = torch.load(last, map_location="cpu", weights_only=False)["multimodal_rec"]["config"]
+        differ = [key for key, value in wanted.items() if saved.get(key) != value]
+        if differ:
+            raise ValueError(f"{last} was trained with other {differ} than asked for; move {out} away to start over")
+        cfg.ckpt_path = str(last)
+    return train(cfg)
 
 
 def mean_rows(name: str, outcomes: list[dict]) -> dict[str, dict]:
@@ -71,6 +83,9 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--retest", action="store_true",
                         help="no training: test each run's best checkpoint again (same settings required)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep what --out holds: finished runs are tested again, not trained; interrupted ones "
+                             "continue from their last.ckpt (same settings required)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -83,7 +98,8 @@ def main() -> None:
             name, overrides = VARIANTS[key]
             slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")  # one run folder per variant and seed
             futures[key] = [pool.submit(run_variant, args.out / f"{slug}_seed{seed}",
-                                        [*base, *overrides, f"seed={seed}", *args.overrides], args.retest)
+                                        [*base, *overrides, f"seed={seed}", *args.overrides], args.retest,
+                                        args.resume)
                             for seed in args.seeds]
         for key, runs in futures.items():  # rows in the table's order, whichever finishes first
             outcomes = [run.result() for run in runs]
