@@ -27,9 +27,7 @@ from omegaconf import OmegaConf
 from multimodal_rec.training import retest, train, write_json_atomic
 
 VARIANTS = {
-    # item biases help content models and cost the ID-only GRU (0.078 against 0.085 NDCG@10 in a trial): each
-    # variant runs in its better setting
-    "id": ("ID-only GRU", ["model.modalities=[id]", "model.recommender.item_bias=false"]),
+    "id": ("ID-only GRU", ["model.modalities=[id]"]),
     "text": ("+ text", ["model.modalities=[id,text]"]),
     "image": ("+ image", ["model.modalities=[id,image]"]),
     "full": ("full (id+image+text+attributes)", ["model.modalities=[id,image,text,attributes]"]),

@@ -64,6 +64,7 @@ def test_a_model_with_content_neighbours_trains_exports_and_serves_new_items(tmp
     service = RecommenderService(tmp_path / "artifacts")
     artifacts = service.artifacts
     assert artifacts.parts["part_names"][-1] == "neighbours" and artifacts.parts["content_graph"]["k"] == 4
+    assert artifacts.dim == artifacts.item_dim and artifacts.parts["item_bias"] is None  # default: cosine alone
     items = pd.read_parquet(tmp_path / "data" / "items.parquet").set_index("item_id", drop=False)
     source = int(artifacts.catalog.loc[artifacts.catalog["cold"], "item_id"].iat[0])
     twin = twin_item(items, source, 990001)
