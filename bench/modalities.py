@@ -21,10 +21,10 @@ import statistics
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import torch
 from common import COLUMNS, data_overrides, exit_with_parent, print_tables, train_config
 from omegaconf import OmegaConf
 
+from multimodal_rec.models.loading import config_differences, read_checkpoint
 from multimodal_rec.training import retest, train, write_json_atomic
 
 VARIANTS = {
@@ -49,8 +49,7 @@ def run_variant(out: Path, overrides: list[str], only_test: bool = False, resume
         return retest(out, expect=wanted)
     last = out / "checkpoints" / "last.ckpt"
     if resume and last.is_file():
-        saved = torch.load(last, map_location="cpu", weights_only=False)["multimodal_rec"]["config"]
-        differ = [key for key, value in wanted.items() if saved.get(key) != value]
+        differ = config_differences(read_checkpoint(last), wanted)
         if differ:
             raise ValueError(f"{last} was trained with other {differ} than asked for; move {out} away to start over")
         cfg.ckpt_path = str(last)

@@ -50,15 +50,14 @@ def retest(output_dir: str | Path, expect: dict | None = None) -> dict:
     """Tests a finished run's best checkpoint again and rewrites the test metrics in its metrics.json: a run
     tested by an older evaluation does not need training again. The model is rebuilt as training built it.
     `expect`: config sections (e.g. {"seed": 0, "model": {...}}) the run must have been trained with."""
-    from multimodal_rec.models.loading import restore_model
+    from multimodal_rec.models.loading import config_differences, restore_model
 
     path = Path(output_dir) / "metrics.json"
     if not path.is_file():
         raise FileNotFoundError(f"{output_dir} has no finished run (metrics.json); train it first")
     result = json.loads(path.read_text())
     model, datamodule, checkpoint = restore_model(result["best_checkpoint"])
-    saved = checkpoint["multimodal_rec"]["config"]
-    differ = [key for key, value in (expect or {}).items() if saved.get(key) != value]
+    differ = config_differences(checkpoint, expect or {})
     if differ:
         raise ValueError(f"{output_dir} was trained with other {differ} than the settings asked for; train it again")
     trainer = pl.Trainer(devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -50,6 +50,12 @@ def read_checkpoint(path: str | Path) -> dict:
     return checkpoint
 
 
+def config_differences(checkpoint: dict, expect: dict) -> list[str]:
+    """The sections of `expect` (e.g. {"seed": 0, "model": {...}}) that the checkpoint was trained with otherwise."""
+    saved = checkpoint["multimodal_rec"]["config"]
+    return [key for key, value in expect.items() if saved.get(key) != value]
+
+
 def restore_model(ckpt_path: str | Path, data_overrides: dict | None = None, device: str = "cpu"):
     """(model in eval mode on `device`, its DataModule, the checkpoint dict).
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -142,7 +143,7 @@ def reasons(artifacts: Artifacts, query: Query, rows: np.ndarray) -> list[dict]:
         a = artifacts.modality_parts[anchors].astype(np.float32)  # (C, M, d)
         b = artifacts.modality_parts[rows].astype(np.float32)
         cosines = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-8)  # (C, M)
-        informative = _informative_parts(artifacts, names, anchors) & _informative_parts(artifacts, names, rows)
+        informative = _informative_parts(artifacts.catalog, names, anchors, rows)
         cosines = np.where(informative, cosines, np.nan)
     out = []
     best = similarity.max(1).astype(np.float64).round(4).tolist()  # float64 first: no 0.66850000619 in JSON
@@ -160,14 +161,14 @@ def reasons(artifacts: Artifacts, query: Query, rows: np.ndarray) -> list[dict]:
     return out
 
 
-def _informative_parts(artifacts: Artifacts, names: list[str], rows: np.ndarray) -> np.ndarray:
-    """(C, M) whether each fusion part of the items says something of its own: an item without training
-    interactions has the shared unknown-ID vector, one without an image or text the shared missing vector,
-    so two such items "agree" on that part (cosine 1) without being alike."""
-    catalog = artifacts.catalog
-    own = {"id": catalog["popularity"].to_numpy()[rows] > 0,
-           "image": catalog["has_image"].to_numpy(bool)[rows], "text": catalog["has_text"].to_numpy(bool)[rows]}
-    return np.stack([own.get(name, np.ones(len(rows), dtype=bool)) for name in names], axis=1)
+def _informative_parts(catalog: pd.DataFrame, names: list[str], anchors: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """(C, M) whether fusion part m of both anchor c and item c says something of its own: an item without
+    training interactions has the shared unknown-ID vector, one without an image or text the shared missing
+    vector, so two such items "agree" on that part (cosine 1) without being alike."""
+    own = {"id": catalog["popularity"].to_numpy() > 0, "image": catalog["has_image"].to_numpy(bool),
+           "text": catalog["has_text"].to_numpy(bool)}
+    both = {name: flags[anchors] & flags[rows] for name, flags in own.items()}
+    return np.stack([both.get(name, np.ones(len(rows), dtype=bool)) for name in names], axis=1)
 
 
 def recommend(artifacts: Artifacts, query: Query, k: int, filters: dict | None, exclude_seen: bool) -> dict:
