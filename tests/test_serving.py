@@ -80,6 +80,24 @@ def test_the_answer_follows_the_session(live):
     assert items[150] not in _ids(grown)
 
 
+def test_exclude_seen_covers_a_history_longer_than_max_len(live):
+    """The model reads the last max_len items; every item sent (and stored) is still excluded."""
+    client, service = live
+    max_len = int(service.artifacts.parts["max_len"])
+    items = [int(i) for i in service.artifacts.item_ids]
+    history = items[: 4 * max_len]  # 40 items, 30 of them older than what the model reads
+    k = len(items) - len(history)  # every other item: an old history item in the answer could not hide
+    answer = client.post("/recommend", json={"history": history, "k": k, "exclude_seen": True}).json()
+    assert len(answer["items"]) == k and not set(history) & set(_ids(answer))
+    user = int(service.artifacts.user_ids[2])
+    stored = [int(i) for i in service.artifacts.user_history(user)]
+    sent = [i for i in items if i not in stored][: 2 * max_len]
+    both = client.post("/recommend", json={"user_id": user, "history": sent, "k": 100}).json()
+    assert not (set(stored) | set(sent)) & set(_ids(both))
+    kept = client.post("/recommend", json={"history": history, "k": len(items), "exclude_seen": False}).json()
+    assert set(history) <= set(_ids(kept))  # without exclusion they are rankable
+
+
 def test_filters_and_cold_users(live):
     client, service = live
     catalog = service.artifacts.catalog
@@ -117,7 +135,7 @@ def test_a_new_item_is_recommended_to_a_matching_history(live, tiny_checkpoint):
     for new_id, source in ((777001, order[0]), (777002, order[-1])):
         created = client.post("/items", json=twin_item(items, source, new_id))
         assert created.status_code == 201, created.text
-    original, twin = (artifacts.item_vectors[artifacts.item_row[i]] for i in (order[0], 777001))
+    original, twin = (artifacts.tower_vectors([artifacts.item_row[i]])[0] for i in (order[0], 777001))
     assert float(original @ twin) / float(np.linalg.norm(original) * np.linalg.norm(twin)) > 0.95
     ranked = _ids(client.post("/rank", json={"user_id": user, "items": [*cold, 777001, 777002]}).json())
     assert ranked.index(777001) <= 2 and ranked.index(777001) < ranked.index(777002)

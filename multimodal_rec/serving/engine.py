@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from multimodal_rec.data.features import standardised_rank
+from multimodal_rec.models.components.scoring import retrieval_vectors
 from multimodal_rec.serving.artifacts import Artifacts
 from multimodal_rec.serving.errors import RequestError
 from multimodal_rec.serving.filters import filter_mask
@@ -22,8 +22,8 @@ MAX_FETCH = 4096  # FAISS candidates fetched before falling back to scoring the 
 
 @dataclass
 class Query:
-    vector: np.ndarray  # (dim,) float32: the L2-normalised query (+ a 1 for the bias column), as exported
-    history_rows: np.ndarray  # rows of the history items (for exclusion and reasons)
+    vector: np.ndarray  # (dim,) float32: the query as exported (unit for cosine; + a 1 for the bias column)
+    history_rows: np.ndarray  # rows of the whole history, stored + sent (for exclusion and reasons)
     strategy: str  # "history" | "profile" | "popularity"
 
 
@@ -69,9 +69,10 @@ def build_query(artifacts: Artifacts, user_id: int | None, history: list[int] | 
         base_profile = parts["user_profiles"](torch.tensor([row]))
         if hour is None:
             hour = int(parts["histories"]["last_hour"][row])
-    rows = np.concatenate([stored_rows, session_rows])[-parts["max_len"]:]
+    seen = np.concatenate([stored_rows, session_rows])  # all of it is excluded with exclude_seen
+    rows = seen[-parts["max_len"]:]  # the model reads the most recent max_len
     if not len(rows) and not profile and base_profile is None:  # nothing known: the most popular items
-        return Query(np.empty(0, dtype=np.float32), rows, "popularity")
+        return Query(np.empty(0, dtype=np.float32), seen, "popularity")
     vectors = torch.from_numpy(artifacts.tower_vectors(rows)).unsqueeze(0)  # (1, L, d)
     if not len(rows):
         vectors = torch.zeros(1, 1, artifacts.item_dim)
@@ -79,10 +80,10 @@ def build_query(artifacts: Artifacts, user_id: int | None, history: list[int] | 
     codes = _profile_codes(artifacts, profile, base_profile)
     hours = torch.tensor([hour if hour is not None else 12])
     query = parts["history_encoder"](vectors, mask, codes, hours)[:, -1]
-    vector = F.normalize(query, dim=-1)[0].numpy().astype(np.float32)
+    vector = retrieval_vectors(query, artifacts.score)[0].numpy().astype(np.float32)
     if artifacts.dim > artifacts.item_dim:  # item biases: q . [v, t * b] = cos + t * b
         vector = np.append(vector, np.float32(1.0))
-    return Query(vector, rows, "history" if len(rows) else "profile")
+    return Query(vector, seen, "history" if len(rows) else "profile")
 
 
 def _retrieve(artifacts: Artifacts, query: Query, want: int, allowed: np.ndarray | None,
@@ -136,7 +137,7 @@ def reasons(artifacts: Artifacts, query: Query, rows: np.ndarray) -> list[dict]:
         kind = {"profile": "matches the profile given", "popularity": "popular in the catalogue"}[query.strategy]
         return [{"kind": query.strategy, "text": kind} for _ in rows]
     history = np.unique(query.history_rows)
-    similarity = artifacts.tower_vectors(rows) @ artifacts.tower_vectors(history).T  # (C, H) cosine
+    similarity = _unit(artifacts.tower_vectors(rows)) @ _unit(artifacts.tower_vectors(history)).T  # (C, H) cosine
     anchors = history[similarity.argmax(1)]  # (C,)
     names, cosines = artifacts.parts.get("part_names", artifacts.parts["modalities"]), None
     if artifacts.modality_parts is not None:
@@ -159,6 +160,10 @@ def reasons(artifacts: Artifacts, query: Query, rows: np.ndarray) -> list[dict]:
                 reason["text"] += f" (mostly by {reason['modality']})"
         out.append(reason)
     return out
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    return vectors / (np.linalg.norm(vectors, axis=-1, keepdims=True) + 1e-8)
 
 
 def _informative_parts(catalog: pd.DataFrame, names: list[str], anchors: np.ndarray, rows: np.ndarray) -> np.ndarray:
