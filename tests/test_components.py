@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from multimodal_rec.models.components.history_encoder import HistoryEncoder
@@ -84,8 +85,8 @@ def test_residual_fusion_adds_content_to_the_id_vector_at_its_scale():
 
 def test_history_encoder_padding_is_exactly_masked():
     torch.manual_seed(0)
-    for rnn in ("gru", "lstm"):
-        encoder = HistoryEncoder(8, rnn=rnn, user_categorical_sizes=(3,), n_user_numeric=1).eval()
+    for rnn in ("gru", "lstm", "transformer"):
+        encoder = HistoryEncoder(8, rnn=rnn, user_categorical_sizes=(3,), n_user_numeric=1, max_len=7).eval()
         items = torch.randn(1, 3, 8)
         profile = {"categorical": torch.tensor([[1]]), "numeric": torch.tensor([[0.5]])}
         hours = torch.tensor([5])
@@ -97,6 +98,21 @@ def test_history_encoder_padding_is_exactly_masked():
         empty = encoder(torch.randn(2, 5, 8), torch.zeros(2, 5, dtype=torch.bool),
                         {"categorical": torch.tensor([[1], [2]]), "numeric": torch.zeros(2, 1)}, torch.tensor([1, 1]))
         assert torch.isfinite(empty).all() and not torch.allclose(empty[0, -1], empty[1, -1])  # profile decides
+
+
+def test_history_encoders_are_causal():
+    """The query at position i reads items 0..i only: a change later in the history leaves it unchanged."""
+    torch.manual_seed(0)
+    for rnn in ("gru", "transformer"):
+        encoder = HistoryEncoder(8, rnn=rnn, use_profile=False, max_len=6, num_layers=2).eval()
+        items, mask, hours = torch.randn(2, 6, 8), torch.ones(2, 6, dtype=torch.bool), torch.zeros(2, 6).long()
+        changed = items.clone()
+        changed[:, 4:] = torch.randn(2, 2, 8)
+        before, after = encoder(items, mask, None, hours), encoder(changed, mask, None, hours)
+        torch.testing.assert_close(before[:, :4], after[:, :4])
+        assert not torch.allclose(before[:, 4:], after[:, 4:])
+    with pytest.raises(ValueError, match="longer than"):
+        encoder(torch.randn(1, 7, 8), torch.ones(1, 7, dtype=torch.bool), None, torch.zeros(1, 7).long())
 
 
 def test_ranker_starts_as_retrieval_order():
