@@ -48,7 +48,8 @@ def user_batch(split, user_features_rows: np.ndarray, max_len: int, pad: int) ->
 
 @torch.no_grad()
 def user_vectors(model, split, users: np.ndarray, max_len: int) -> torch.Tensor:
-    """(B, d) normalised query vectors from full histories; only the items in these histories are encoded."""
+    """(B, d) query vectors (unit for cosine) from full histories; only the items in these histories are
+    encoded."""
     batch = user_batch(split, users, max_len, model.pad)
     items, inverse = torch.unique(batch["history"], return_inverse=True)
     real = items[items != model.pad].to(model.device)
@@ -57,9 +58,7 @@ def user_vectors(model, split, users: np.ndarray, max_len: int) -> torch.Tensor:
     history_vectors = vectors[inverse.to(model.device)]  # (B, L, d)
     history = batch["history"].to(model.device)
     profile = model.users(batch["user"].to(model.device))
-    queries = model.history_encoder(history_vectors, history != model.pad, profile, batch["context_hour"].to(
-        model.device))
-    return torch.nn.functional.normalize(queries, dim=-1)[:, -1]
+    return model.encode_history(history, history_vectors, profile, batch["context_hour"].to(model.device))[:, -1]
 
 
 class Exporter:
@@ -129,7 +128,9 @@ class Exporter:
                                       "run the same command again to finish it")
         manifest = {
             "format": emb.FORMAT, **self.settings, "checkpoint": self.checkpoint_path,
-            "metric": "inner_product", "normalised": self.model.bias_head is None,
+            "metric": "inner_product",
+            "normalised": self.model.bias_head is None and self.model.hparams.score == "cosine",
+            "score": self.model.hparams.score,
             # with item biases the last column is temperature * bias for items and 1 for users
             "item_bias": self.model.bias_head is not None,
             "data": self.datamodule.name, "counts": {k: int(len(v)) for k, v in self.ids.items()},

@@ -120,4 +120,5 @@ def twin_item(items: pd.DataFrame, item_id: int, new_id: int) -> dict:
     source = items.loc[item_id]
     return {"item_id": new_id, "title": f"twin of {source['title']}", "text": source["text"],
             "image_base64": item_png(source["image"]) if isinstance(source["image"], str) else None,
-            "attributes": {"category": source["category"], "brand": source["brand"], "price": source["price"]}}
+            "attributes": {"category": source["category"], "brand": source["brand"], "price": float(source["price"]),
+                           "sales": int(source["sales"])}}

@@ -22,15 +22,15 @@ from tests.conftest import export_config, free_port
 def test_manifest_describes_the_export(tiny_artifacts):
     manifest = emb.load_manifest(tiny_artifacts)
     assert manifest["counts"] == {"items": 200, "users": 100}
-    # 64-d unit vectors plus the item-bias column (temperature * bias for items, 1 for users)
+    # 64-d dot-product vectors (their norms differ) plus the item-bias column (the bias for items, 1 for users)
     assert manifest["dim"] == 65 and manifest["metric"] == "inner_product" and manifest["item_bias"]
-    assert not manifest["normalised"]
+    assert manifest["score"] == "dot" and not manifest["normalised"]
     ids, vectors = emb.read_embeddings(tiny_artifacts, "items")
     assert len(ids) == 200 and vectors.dtype == np.float32
-    assert np.allclose(np.linalg.norm(vectors[:, :64], axis=1), 1.0, atol=1e-5)
+    assert np.linalg.norm(vectors[:, :64], axis=1).std() > 0.01
     assert np.abs(vectors[:, 64]).max() > 0  # trained biases, not the zero they start at
     _, users = emb.read_embeddings(tiny_artifacts, "users")
-    assert np.allclose(users[:, 64], 1.0) and np.allclose(np.linalg.norm(users[:, :64], axis=1), 1.0, atol=1e-5)
+    assert np.allclose(users[:, 64], 1.0) and np.linalg.norm(users[:, :64], axis=1).std() > 0.01
     assert len(manifest["shards"]["items"]) == 4  # 200 items in shards of 64
     assert not (tiny_artifacts / emb.PROGRESS_FILE).exists()
 

@@ -27,11 +27,15 @@ from multimodal_rec.data.sequences import IGNORE_TARGET
 from multimodal_rec.distributed import broadcast_running_stats
 from multimodal_rec.evaluation.metrics import RankingEvaluator, all_reduce_evaluators
 from multimodal_rec.models.components.item_bias import ItemBias
+from multimodal_rec.models.components.scoring import SCORES, retrieval_vectors
 
 if TYPE_CHECKING:
     from multimodal_rec.models.encoders_setup import EncoderBundle
 
 RERANK_OFFSET = 1e4  # puts re-ranked candidates above every retrieval-only score
+# loss=auto: full softmax up to this many items (the item tower runs over the whole catalogue every step),
+# sampled softmax beyond
+FULL_SOFTMAX_MAX_ITEMS = 50_000
 
 
 class MultimodalRecommender(pl.LightningModule):
@@ -39,22 +43,31 @@ class MultimodalRecommender(pl.LightningModule):
                  ranker: Callable | None, optimizer: Callable, scheduler: Callable | None = None,
                  dim: int = 64, num_negatives: int = 256, temperature: float = 0.07, logq: bool = True,
                  rerank_top: int = 50, ranker_weight: float = 1.0, ranker_positions: int = 512,
-                 encoder_lr_scale: float = 0.1, item_bias: bool = False,
+                 encoder_lr_scale: float = 0.1, item_bias: bool = False, loss: str = "auto",
+                 full_softmax_max_items: int = FULL_SOFTMAX_MAX_ITEMS, score: str = "cosine",
                  ks: tuple = (10, 20)):
         super().__init__()
         self.save_hyperparameters(ignore=["bundle", "item_tower", "history_encoder", "ranker", "optimizer",
                                           "scheduler"])
+        if loss not in ("auto", "full", "sampled"):
+            raise ValueError(f"loss must be auto, full or sampled, got {loss!r}")
+        if score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {score!r}")
         self.n_items, self.pad = bundle.n_items, bundle.n_items
+        self.full_softmax = loss == "full" or (loss == "auto" and bundle.n_items <= full_softmax_max_items)
+        # cosine: logits = cos / temperature; dot: logits = q . v, the vectors' norms carry the scale
+        self.logit_scale = 1.0 / temperature if score == "cosine" else 1.0
         self.items, self.users = bundle.item_inputs, bundle.user_inputs
         self.item_tower = item_tower(dim=dim, n_items=bundle.n_items, image_encoder=bundle.image_encoder,
                                      text_encoder=bundle.text_encoder, **bundle.tower_sizes)
         self.history_encoder = history_encoder(dim=dim, **bundle.user_sizes)
         self.ranker = ranker(dim=dim) if ranker is not None else None
-        self.bias_head = ItemBias(dim, temperature) if item_bias else None
+        self.bias_head = ItemBias(dim, 1.0 / self.logit_scale) if item_bias else None
         self.register_buffer("log_popularity", torch.log(bundle.popularity.float().clamp_min(1.0)), persistent=False)
         # negatives come only from items seen in training: held-out (cold) items must not be in training at
         # all, or the model learns to push exactly them down
         self.register_buffer("negative_pool", torch.nonzero(bundle.popularity > 0).squeeze(1), persistent=False)
+        self.register_buffer("untrained_items", bundle.popularity == 0, persistent=False)  # (N,) out of the softmax
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.ks = tuple(ks)
         self.data_fingerprint = bundle.data_fingerprint
@@ -67,15 +80,14 @@ class MultimodalRecommender(pl.LightningModule):
 
     # ---- towers ---------------------------------------------------------------------------------------
     def item_embeddings(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """index (B,) -> (L2-normalised item vectors (B, d), retrieval biases (B,): temperature * b, added to
-        the cosine; zeros without item_bias)."""
+        """index (B,) -> (item vectors (B, d): unit for cosine, raw for dot; retrieval biases (B,), added to
+        the similarity before the logit scale; zeros without item_bias)."""
         raw = self.item_tower(self.items(index))
-        if self.bias_head is None:
-            return F.normalize(raw, dim=-1), raw.new_zeros(len(raw))
-        return F.normalize(raw, dim=-1), self.bias_head(raw)
+        vectors = retrieval_vectors(raw, self.hparams.score)
+        return vectors, (raw.new_zeros(len(raw)) if self.bias_head is None else self.bias_head(raw))
 
     def item_vectors(self, index: torch.Tensor) -> torch.Tensor:
-        """index (B,) -> L2-normalised item vectors (B, d)."""
+        """index (B,) -> item vectors (B, d), as retrieval scores them."""
         return self.item_embeddings(index)[0]
 
     def all_item_embeddings(self, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,22 +108,26 @@ class MultimodalRecommender(pl.LightningModule):
         return torch.cat([vectors, biases.unsqueeze(-1)], dim=-1)
 
     def retrieval_queries(self, queries: torch.Tensor) -> torch.Tensor:
-        """(B, d) normalised queries -> (B, retrieval_dim): q . item = cos + temperature * bias."""
+        """(B, d) queries -> (B, retrieval_dim): q . item = similarity + bias."""
         if self.bias_head is None:
             return queries
         return torch.cat([queries, queries.new_ones(len(queries), 1)], dim=-1)
 
     def queries(self, history: torch.Tensor, user: torch.Tensor | None, context_hour: torch.Tensor,
                 profile: dict | None = None, item_vectors: torch.Tensor | None = None) -> torch.Tensor:
-        """history (B, L) -> L2-normalised queries at every position (B, L, d)."""
-        mask = history != self.pad
+        """history (B, L) -> queries at every position (B, L, d) (unit vectors for cosine)."""
         if item_vectors is None:
             vectors = self.item_vectors(history.flatten()).view(*history.shape, -1)
         else:
             padded = torch.cat([item_vectors, item_vectors.new_zeros(1, item_vectors.shape[1])])
             vectors = padded[history]
         profile = profile if profile is not None else self.users(user)
-        return F.normalize(self.history_encoder(vectors, mask, profile, context_hour), dim=-1)
+        return self.encode_history(history, vectors, profile, context_hour)
+
+    def encode_history(self, history: torch.Tensor, vectors: torch.Tensor, profile: dict,
+                        context_hour: torch.Tensor) -> torch.Tensor:
+        raw = self.history_encoder(vectors, history != self.pad, profile, context_hour)  # (B, L, d)
+        return retrieval_vectors(raw, self.hparams.score)
 
     # ---- training -------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -120,26 +136,14 @@ class MultimodalRecommender(pl.LightningModule):
         self._negative_generator.manual_seed(torch.initial_seed() + self.global_rank)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        history, targets = batch["history"], batch["targets"]  # (B, L) each
+        targets = batch["targets"]  # (B, L)
         valid = targets != IGNORE_TARGET
         positives = targets[valid]  # (P,)
-        draws = torch.randint(0, len(self.negative_pool), (self.hparams.num_negatives,), device=self.device,
-                              generator=self._negative_generator)
-        negatives = self.negative_pool[draws]
-        pool, inverse = torch.unique(torch.cat([history.flatten(), positives, negatives]), return_inverse=True)
-        pool_vectors, pool_biases = self.item_embeddings(pool)  # (U, d), (U,)
-        n_hist = history.numel()
-        vectors = pool_vectors[inverse[:n_hist]].view(*history.shape, -1)
-        queries = F.normalize(self.history_encoder(vectors, history != self.pad, self.users(batch["user"]),
-                                                   batch["context_hour"]), dim=-1)[valid]  # (P, d)
-        candidates, labels = torch.unique(torch.cat([positives, negatives]), return_inverse=True)
-        labels = labels[: len(positives)]
-        in_pool = torch.searchsorted(pool, candidates)
-        cand_vectors = pool_vectors[in_pool]  # (C, d)
-        # (P, C) retrieval scores: cosine (+ temperature * item bias), as evaluation and serving score
-        similarity = queries @ cand_vectors.T + pool_biases[in_pool]
-        correction = self._log_inclusion(candidates, len(positives)) if self.hparams.logq else None
-        logits = similarity / self.hparams.temperature
+        if self.full_softmax:
+            queries, cand_vectors, similarity, labels, correction = self._full_scores(batch, valid, positives)
+        else:
+            queries, cand_vectors, similarity, labels, correction = self._sampled_scores(batch, valid, positives)
+        logits = similarity * self.logit_scale
         retrieval_loss = F.cross_entropy(logits if correction is None else logits - correction, labels)
         loss = retrieval_loss
         self.log("train/retrieval_loss", retrieval_loss, prog_bar=True, batch_size=len(positives))
@@ -150,6 +154,36 @@ class MultimodalRecommender(pl.LightningModule):
             self.log("train/ranker_loss", ranker_loss, batch_size=len(positives))
         self.log("train/loss", loss, batch_size=len(positives))
         return loss
+
+    def _full_scores(self, batch: dict, valid: torch.Tensor, positives: torch.Tensor) -> tuple:
+        """Every item is a candidate: (P, N) scores, items never trained on (cold) masked out of the softmax.
+        Reference: Klenitskiy & Vasilev, "Turning Dross Into Gold Loss: is BERT4Rec really better than
+        SASRec?", RecSys 2023 (full cross-entropy for sequential models)."""
+        history = batch["history"]
+        all_vectors, all_biases = self.all_item_embeddings()  # (N, d), (N,)
+        padded = torch.cat([all_vectors, all_vectors.new_zeros(1, all_vectors.shape[1])])
+        queries = self.encode_history(history, padded[history], self.users(batch["user"]),
+                                       batch["context_hour"])[valid]  # (P, d)
+        similarity = (queries @ all_vectors.T + all_biases).masked_fill(self.untrained_items, float("-inf"))
+        return queries, all_vectors, similarity, positives, None
+
+    def _sampled_scores(self, batch: dict, valid: torch.Tensor, positives: torch.Tensor) -> tuple:
+        """In-batch targets + `num_negatives` uniform draws from the trained items, with log-Q correction."""
+        history = batch["history"]
+        draws = torch.randint(0, len(self.negative_pool), (self.hparams.num_negatives,), device=self.device,
+                              generator=self._negative_generator)
+        negatives = self.negative_pool[draws]
+        pool, inverse = torch.unique(torch.cat([history.flatten(), positives, negatives]), return_inverse=True)
+        pool_vectors, pool_biases = self.item_embeddings(pool)  # (U, d), (U,)
+        vectors = pool_vectors[inverse[:history.numel()]].view(*history.shape, -1)
+        queries = self.encode_history(history, vectors, self.users(batch["user"]), batch["context_hour"])[valid]
+        candidates, labels = torch.unique(torch.cat([positives, negatives]), return_inverse=True)
+        labels = labels[: len(positives)]
+        in_pool = torch.searchsorted(pool, candidates)
+        cand_vectors = pool_vectors[in_pool]  # (C, d)
+        similarity = queries @ cand_vectors.T + pool_biases[in_pool]  # (P, C), as evaluation and serving score
+        correction = self._log_inclusion(candidates, len(positives)) if self.hparams.logq else None
+        return queries, cand_vectors, similarity, labels, correction
 
     def _log_inclusion(self, candidates: torch.Tensor, n_positives: int) -> torch.Tensor:
         """log P(candidate is in the de-duplicated pool): in-batch targets are drawn by popularity, so
@@ -173,7 +207,7 @@ class MultimodalRecommender(pl.LightningModule):
             keep = keep[torch.randperm(len(keep), device=keep.device)[: self.hparams.ranker_positions]]
         chosen, target = chosen[keep], hit[keep].float().argmax(1)
         scores = self.ranker(queries[keep], cand_vectors[chosen], similarity[keep].gather(1, chosen))
-        scores = scores / self.hparams.temperature
+        scores = scores * self.logit_scale
         if correction is not None:
             scores = scores - correction[chosen]
         return F.cross_entropy(scores, target)
@@ -187,7 +221,7 @@ class MultimodalRecommender(pl.LightningModule):
             raise ValueError("this model scores with item biases: pass all_item_embeddings()'s biases")
         query = self.queries(batch["history"], batch["user"], batch["context_hour"], batch.get("profile"),
                              item_vectors)[:, -1]  # (B, d)
-        retrieval = query @ item_vectors.T  # (B, N) cosine
+        retrieval = query @ item_vectors.T  # (B, N) cosine or dot product
         if item_biases is not None:
             retrieval = retrieval + item_biases
         out = {"retrieval": retrieval}
@@ -260,8 +294,9 @@ class MultimodalRecommender(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["multimodal_rec"] = {
             "config": self.run_config, "data_fingerprint": self.data_fingerprint, "n_items": self.n_items,
-            "dim": self.hparams.dim, "metric": "cosine" if self.bias_head is None else "cosine+item_bias",
-            "normalised": True,
+            "dim": self.hparams.dim,
+            "metric": self.hparams.score + ("" if self.bias_head is None else "+item_bias"),
+            "normalised": self.hparams.score == "cosine",
             "world_size": self._trainer.world_size if self._trainer is not None else 1,
         }
 

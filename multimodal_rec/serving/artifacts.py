@@ -69,8 +69,14 @@ class Artifacts:
         """Width of the towers' vectors: `dim` less the bias column when the model has item biases."""
         return int(self.parts.get("item_dim", self.dim))
 
+    @property
+    def score(self) -> str:
+        """How retrieval scores: "cosine" (unit vectors) or "dot"; artifacts from before the choice: cosine."""
+        return str(self.parts.get("score", "cosine"))
+
     def tower_vectors(self, rows: np.ndarray) -> np.ndarray:
-        """(R, item_dim) unit item vectors (no bias column): history inputs, item-item similarity, ranker."""
+        """(R, item_dim) item vectors as the towers give them (no bias column; unit for cosine): history
+        inputs, item-item similarity, ranker."""
         return self.item_vectors[rows, : self.item_dim]
 
     def user_history(self, user_id: int) -> np.ndarray:

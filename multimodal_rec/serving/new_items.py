@@ -13,11 +13,11 @@ import threading
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from multimodal_rec.data.features import standardised_rank, tokenize
 from multimodal_rec.data.images import to_tensor
+from multimodal_rec.models.components.scoring import retrieval_vectors
 from multimodal_rec.models.content_graph import nearest, unit_features
 from multimodal_rec.serving.errors import RequestError
 
@@ -131,7 +131,7 @@ class NewItemEncoder:
     @torch.no_grad()
     def encode(self, text: str | None, image_base64: str | None, attributes: dict) -> tuple[np.ndarray,
                                                                                                np.ndarray | None]:
-        """(vector (dim,): L2-normalised, + temperature * bias with item biases; per-modality parts (M, d)
+        """(vector (dim,): as exported (unit for cosine), + the bias with item biases; per-modality parts (M, d)
         or None)."""
         inputs = self.inputs(text, image_base64, attributes)
         captured = []
@@ -140,7 +140,7 @@ class NewItemEncoder:
             hook = fusion.register_forward_pre_hook(lambda m, args: captured.append(args[0])) if fusion else None
             try:
                 raw = self.tower(inputs)
-                vector = F.normalize(raw, dim=-1)[0]
+                vector = retrieval_vectors(raw, self.parts.get("score", "cosine"))[0]
             finally:
                 if hook is not None:
                     hook.remove()

@@ -117,6 +117,7 @@ def write_serving_parts(model, datamodule, out: str | Path, manifest: dict) -> N
         "data_fingerprint": manifest["data_fingerprint"],
         "dim": int(model.retrieval_dim),  # of the exported vectors (the bias column included)
         "item_dim": int(model.hparams.dim),  # of the towers' vectors
+        "score": str(model.hparams.score),  # cosine: unit vectors; dot: raw ones
         # unnormalised item vector -> temperature * bias, the retrieval score's second term; None: plain cosine
         "item_bias": copy.deepcopy(model.bias_head).cpu().eval() if model.bias_head is not None else None,
         "rerank_top": int(model.hparams.rerank_top),

@@ -1,0 +1,85 @@
+"""The retrieval losses and scores: full softmax against a hand computation, dot vs cosine, cold items."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import pytest
+import torch
+
+from multimodal_rec.models.build import build_model
+from multimodal_rec.models.components.history_encoder import HistoryEncoder
+from multimodal_rec.models.components.item_tower import ItemTower
+from multimodal_rec.models.recommender import MultimodalRecommender
+from tests.conftest import tiny_datamodule
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*self.log.*")
+
+
+def tiny_model(shop_dir, **settings) -> tuple[MultimodalRecommender, dict]:
+    """An ID + attributes model (no encoders) on the tiny shop, in eval mode (no dropout), and one batch."""
+    datamodule = tiny_datamodule(shop_dir, max_len=5)
+    datamodule.setup()
+    torch.manual_seed(0)
+    recommender = partial(MultimodalRecommender, item_tower=partial(ItemTower, fusion="residual"),
+                          history_encoder=partial(HistoryEncoder), ranker=None,
+                          optimizer=partial(torch.optim.AdamW), dim=8, **settings)
+    model = build_model(datamodule, recommender, modalities=("id", "attributes")).eval()
+    batch = next(iter(datamodule.train_dataloader()))
+    return model, batch
+
+
+def hand_full_softmax(model: MultimodalRecommender, batch: dict, scale: float) -> float:
+    """Mean over every target of -log softmax(scale * q . v) over the items seen in training, term by term."""
+    with torch.no_grad():
+        vectors, _ = model.all_item_embeddings()
+        queries = model.queries(batch["history"], batch["user"], batch["context_hour"])
+        trained = [i for i in range(model.n_items) if not model.untrained_items[i]]
+        losses = []
+        for row, position in zip(*torch.nonzero(batch["targets"] >= 0, as_tuple=True)):
+            q = queries[row, position]
+            target = int(batch["targets"][row, position])
+            logits = {i: scale * float(q @ vectors[i]) for i in trained}
+            top = max(logits.values())
+            log_norm = top + math.log(sum(math.exp(v - top) for v in logits.values()))
+            losses.append(log_norm - logits[target])
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("score, scale", [("dot", 1.0), ("cosine", 1 / 0.07)])
+def test_full_softmax_equals_a_hand_computation(tiny_shop_dir, score, scale):
+    model, batch = tiny_model(tiny_shop_dir, loss="full", score=score, temperature=0.07)
+    assert model.full_softmax and model.untrained_items.any()  # the tiny shop holds cold items out
+    with torch.no_grad():
+        loss = float(model.training_step(batch, 0))
+    assert loss == pytest.approx(hand_full_softmax(model, batch, scale), rel=1e-4)
+
+
+def test_cold_items_get_no_gradient_from_the_full_softmax(tiny_shop_dir):
+    model, batch = tiny_model(tiny_shop_dir, loss="full", score="dot")
+    model.training_step(batch, 0).backward()
+    grad = model.item_tower.id_embedding.weight.grad  # (N + 1, d)
+    cold = model.untrained_items
+    assert grad[:-1][cold].abs().max() == 0 and grad[:-1][~cold].abs().max() > 0
+
+
+def test_loss_auto_switches_to_sampled_above_the_documented_size(tiny_shop_dir):
+    small, _ = tiny_model(tiny_shop_dir)
+    large, batch = tiny_model(tiny_shop_dir, full_softmax_max_items=10)
+    assert small.full_softmax and not large.full_softmax
+    large.on_fit_start()
+    assert torch.isfinite(large.training_step(batch, 0))
+    with pytest.raises(ValueError, match="loss must be"):
+        tiny_model(tiny_shop_dir, loss="softmax")
+
+
+def test_dot_scores_keep_the_norms_and_cosine_drops_them(tiny_shop_dir):
+    for score in ("dot", "cosine"):
+        model, batch = tiny_model(tiny_shop_dir, score=score)
+        with torch.no_grad():
+            vectors, _ = model.all_item_embeddings()
+            query = model.queries(batch["history"], batch["user"], batch["context_hour"])[:, -1]
+        norms = torch.cat([vectors.norm(dim=1), query.norm(dim=1)])
+        unit = torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+        assert unit == (score == "cosine")
