@@ -113,3 +113,19 @@ def test_retest_reproduces_the_test_metrics_of_the_run(tmp_path):
     tested = {k: v for k, v in result["metrics"].items() if k.startswith("test")}
     assert tested and {k: again["metrics"][k] for k in tested} == pytest.approx(tested, abs=1e-9)
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["retested"] == again["retested"]
+
+
+@pytest.mark.slow
+def test_optuna_search_tunes_on_validation(tmp_path):
+    """The search space file runs under Hydra's Optuna sweeper (here two one-batch trials on the tiny shop, the
+    ml100k_mm experiment it names taken out) and writes the best trial's settings."""
+    command = [sys.executable, str(PROJECT_ROOT / "train.py"), "-m", "hparams_search=ml100k_mm_optuna", "~experiment",
+               "debug=fast", "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+               f"data.processed_dir={tmp_path / 'data'}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = (tmp_path / "sweep" / "optimization_results.yaml").read_text()
+    assert "best_params" in results and "model.recommender.optimizer.lr" in results
+    for trial in ("0", "1"):  # validation only: no trial read the test split
+        metrics = json.loads((tmp_path / "sweep" / trial / "metrics.json").read_text())["metrics"]
+        assert metrics["val/ndcg@10"] >= 0 and not any(key.startswith("test") for key in metrics)
