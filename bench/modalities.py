@@ -1,5 +1,6 @@
-"""Ablation of the modalities on one dataset, in one run: ID-only GRU, + text, + image, the full model,
-on the warm test users and on the cold-start items; each variant trained with every seed given, the
+"""Ablation of the modalities on one dataset, in one run: ID-only GRU, + text, + image, the full model (and
+both ends with the causal self-attention history encoder instead of the GRU), on the warm test users and
+on the cold-start items; each variant trained with every seed given, the
 table shows the mean over seeds (and the standard deviation of NDCG@10).
 
     python bench/modalities.py                       # ml100k_mm (needs ../shared/data), seed 0
@@ -27,11 +28,14 @@ from omegaconf import OmegaConf
 from multimodal_rec.models.loading import config_differences, read_checkpoint
 from multimodal_rec.training import retest, train, write_json_atomic
 
+TRANSFORMER = "model.recommender.history_encoder.rnn=transformer"
 VARIANTS = {
     "id": ("ID-only GRU", ["model.modalities=[id]"]),
     "text": ("+ text", ["model.modalities=[id,text]"]),
     "image": ("+ image", ["model.modalities=[id,image]"]),
     "full": ("full (id+image+text+attributes)", ["model.modalities=[id,image,text,attributes]"]),
+    "id_transformer": ("ID-only transformer", ["model.modalities=[id]", TRANSFORMER]),
+    "full_transformer": ("full, transformer history", ["model.modalities=[id,image,text,attributes]", TRANSFORMER]),
 }
 
 

@@ -83,9 +83,10 @@ def train_tiny(root: Path, *overrides: str) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    """The default tiny model with item biases (off by default), so that export, index and serving tests cover
-    the bias column; trained once per test session."""
-    return train_tiny(tmp_path_factory.mktemp("tiny_run"), "model.recommender.item_bias=true")
+    """The default tiny model with item biases and the re-ranking network (both off by default), so that export,
+    index and serving tests cover the bias column and re-ranking; trained once per test session."""
+    return train_tiny(tmp_path_factory.mktemp("tiny_run"), "model.recommender.item_bias=true",
+                      "model.recommender.rerank_top=20")
 
 
 def export_config(ckpt: Path, out: Path, **overrides):

@@ -1,17 +1,21 @@
 """The multimodal recommender: item tower + query tower (retrieval) and a ranking network on top.
 
-Retrieval is trained with a sampled softmax over in-batch targets and uniform random negatives with
-a log-Q correction; the ranker with a listwise softmax over the top retrieved candidates of that
-pool. Evaluation is full ranking over all items (DESIGN.md): retrieval scores every item, the
-ranker re-orders the top `rerank_top` (seen items excluded first).
+Retrieval is trained with a softmax over items at every position of the training windows: over the whole
+catalogue (`loss=full`, the default up to `full_softmax_max_items`: the item tower runs over every item each
+step) or over in-batch targets plus uniform random negatives with a log-Q correction (`loss=sampled`, for
+large catalogues). Items never seen in training (held-out cold items) are never candidates in training, or
+the model would learn to push exactly them down. The score is a dot product of the query and item vectors
+(`score=dot`, the default: a vector's norm can say how popular or how certain it is) or their cosine divided
+by a fixed temperature (`score=cosine`). With `rerank_top` > 0 the ranker re-orders that many retrieved
+candidates with a listwise softmax (0, the default: retrieval's order is the answer). Evaluation is full
+ranking over all items (DESIGN.md), seen items excluded.
 
-With `item_bias`, the retrieval score is cos(q, v) + temperature * b(v): a per-item bias read off the
-item tower's vector before normalisation, as matrix factorisation has item biases. Content pulls items
-that look and read alike together on the sphere; the bias lets an item's popularity be a number of its
-own rather than a place on the sphere crowded by content-similar items. Retrieval vectors are then
-[v, temperature * b] for items and [q, 1] for queries, so inner-product search stays exact.
-Reference: Yi et al., "Sampling-Bias-Corrected Neural Modeling for Large Corpus Item Recommendations",
-RecSys 2019 (log-Q correction); Covington et al., RecSys 2016 (retrieval + ranking).
+With `item_bias`, the retrieval score adds a per-item bias read off the item tower's vector (temperature x
+bias for cosine), as matrix factorisation has item biases. Retrieval vectors are then [v, bias] for items
+and [q, 1] for queries, so inner-product search stays exact.
+Reference: Klenitskiy & Vasilev, "Turning Dross Into Gold Loss: is BERT4Rec really better than SASRec?",
+RecSys 2023 (full cross-entropy); Yi et al., "Sampling-Bias-Corrected Neural Modeling for Large Corpus Item
+Recommendations", RecSys 2019 (log-Q correction); Covington et al., RecSys 2016 (retrieval + ranking).
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ class MultimodalRecommender(pl.LightningModule):
         self.item_tower = item_tower(dim=dim, n_items=bundle.n_items, image_encoder=bundle.image_encoder,
                                      text_encoder=bundle.text_encoder, **bundle.tower_sizes)
         self.history_encoder = history_encoder(dim=dim, **bundle.user_sizes)
-        self.ranker = ranker(dim=dim) if ranker is not None else None
+        self.ranker = ranker(dim=dim) if ranker is not None and rerank_top > 0 else None  # 0: retrieval order
         self.bias_head = ItemBias(dim, 1.0 / self.logit_scale) if item_bias else None
         self.register_buffer("log_popularity", torch.log(bundle.popularity.float().clamp_min(1.0)), persistent=False)
         # negatives come only from items seen in training: held-out (cold) items must not be in training at
@@ -156,9 +160,7 @@ class MultimodalRecommender(pl.LightningModule):
         return loss
 
     def _full_scores(self, batch: dict, valid: torch.Tensor, positives: torch.Tensor) -> tuple:
-        """Every item is a candidate: (P, N) scores, items never trained on (cold) masked out of the softmax.
-        Reference: Klenitskiy & Vasilev, "Turning Dross Into Gold Loss: is BERT4Rec really better than
-        SASRec?", RecSys 2023 (full cross-entropy for sequential models)."""
+        """Every item is a candidate: (P, N) scores, items never trained on (cold) masked out of the softmax."""
         history = batch["history"]
         all_vectors, all_biases = self.all_item_embeddings()  # (N, d), (N,)
         padded = torch.cat([all_vectors, all_vectors.new_zeros(1, all_vectors.shape[1])])
