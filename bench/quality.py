@@ -5,6 +5,7 @@ table for the warm test users and one for the cold-start items, and writes both 
 
     python bench/quality.py                                   # ml100k_mm (needs ../shared/data)
     python bench/quality.py --models popularity item_knn sasrec multimodal
+    python bench/quality.py --models sasrec multimodal --seeds 0 1 2 3 4   # mean (and sd of NDCG@10) of seeds
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -25,7 +27,7 @@ MODELS = ("popularity", "user_knn", "item_knn", "bpr_mf", "content", "dnn", "sas
 STAGES = ("test", "test_cold")
 
 
-def run_baseline(name: str, base: list[str], out: Path) -> dict:
+def run_baseline(name: str, base: list[str], out: Path, seed: int) -> dict:
     import hydra
     from omegaconf import OmegaConf
 
@@ -50,7 +52,10 @@ def run_baseline(name: str, base: list[str], out: Path) -> dict:
             F.normalize(items.image[:-1].float(), dim=1) * items.has_image[:-1, None],
             F.normalize(item_vectors_from_features(datamodule.item_features), dim=1),
         ], dim=1)
-    baseline = hydra.utils.instantiate(OmegaConf.load(CONF_DIR / "baseline" / f"{name}.yaml"))
+    settings = OmegaConf.load(CONF_DIR / "baseline" / f"{name}.yaml")
+    if "seed" in settings:
+        settings.seed = seed
+    baseline = hydra.utils.instantiate(settings)
     started = time.time()
     baseline.fit(datamodule.split, item_vectors)
     seconds = time.time() - started
@@ -62,15 +67,28 @@ def run_baseline(name: str, base: list[str], out: Path) -> dict:
     return {"metrics": metrics, "seconds": round(seconds, 1)}
 
 
-def run_multimodal(base: list[str], out: Path, extra: list[str]) -> dict:
-    result = train(train_config(out, [*base, *extra]))
+def run_multimodal(base: list[str], out: Path, extra: list[str], seed: int) -> dict:
+    result = train(train_config(out, [*base, f"seed={seed}", *extra]))
     return {"metrics": result["metrics"], "seconds": result["seconds"], "epochs": result["epochs"]}
 
 
-def child(name: str, base: list[str], out: Path, extra: list[str]) -> None:
-    result = run_multimodal(base, out, extra) if name == "multimodal" else run_baseline(name, base, out)
+def child(name: str, base: list[str], out: Path, extra: list[str], seed: int) -> None:
+    result = (run_multimodal(base, out, extra, seed) if name == "multimodal"
+              else run_baseline(name, base, out, seed))
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_child(args, name: str, seed: int) -> dict | None:
+    """One model and seed in its own process (its own training time and peak memory)."""
+    command = [sys.executable, __file__, "--data", args.data, "--out", str(args.out), "--child", name,
+               "--seed", str(seed), *args.overrides]
+    done = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        print(f"{name} (seed {seed}): failed\n{done.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(lines[-1][len("RESULT "):])
 
 
 def main() -> None:
@@ -78,27 +96,32 @@ def main() -> None:
     parser.add_argument("--data", default="ml100k_mm", help="experiment ml100k_mm, or a data config name")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--out", default=Path("logs/bench/quality"), type=Path)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="a run per seed; the table averages them")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for the multimodal model")
     args = parser.parse_args()
     base = data_overrides(args.data)
     if args.child:
-        child(args.child, base, args.out / args.child, args.overrides)
+        child(args.child, base, args.out / f"{args.child}_seed{args.seed}", args.overrides, args.seed)
         return
     rows = {stage: [] for stage in STAGES}
     for name in args.models:
-        command = [sys.executable, __file__, "--data", args.data, "--out", str(args.out), "--child", name,
-                   *args.overrides]
-        done = subprocess.run(command, capture_output=True, text=True)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        if done.returncode != 0 or not lines:
-            print(f"{name}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+        results = [run_child(args, name, seed) for seed in args.seeds]
+        results = [r for r in results if r is not None]
+        if not results:
             continue
-        result = json.loads(lines[-1][len("RESULT "):])
-        add_rows(rows, name, result["metrics"], **{"train s": result["seconds"],
-                                                    "peak MiB": round(result["peak_rss_mib"])})
-        print(f"{name}: test ndcg@10 {rows['test'][-1]['ndcg@10']:.4f} ({result['seconds']} s)", flush=True)
-    print_tables(rows, f"Quality on {args.data}: test split, full ranking, all users", ("train s", "peak MiB"))
+        metrics = {key: statistics.fmean(r["metrics"].get(key, float("nan")) for r in results)
+                   for key in results[0]["metrics"]}
+        ndcg = [r["metrics"].get("test/ndcg@10", float("nan")) for r in results]
+        add_rows(rows, name, metrics, **{
+            "ndcg@10 sd": statistics.stdev(ndcg) if len(ndcg) > 1 else float("nan"), "seeds": len(results),
+            "train s": round(statistics.fmean(r["seconds"] for r in results), 1),
+            "peak MiB": round(max(r["peak_rss_mib"] for r in results))})
+        print(f"{name}: test ndcg@10 {rows['test'][-1]['ndcg@10']:.4f} (per seed {[round(x, 4) for x in ndcg]}, "
+              f"{rows['test'][-1]['train s']} s)", flush=True)
+    print_tables(rows, f"Quality on {args.data}: test split, full ranking, all users, mean of seeds {args.seeds}",
+                 ("ndcg@10 sd", "seeds", "train s", "peak MiB"))
     write_json_atomic(args.out / "quality.json", rows)
 
 
