@@ -1,6 +1,7 @@
 """Ablation of the modalities on one dataset, in one run: ID-only GRU, + text, + image, the full model (and
-both ends with the causal self-attention history encoder instead of the GRU), on the warm test users and
-on the cold-start items; each variant trained with every seed given, the
+both ends with the causal self-attention history encoder instead of the GRU), and the full model with one
+of its settings undone (`--variants sampled cosine profile_context small_gru ranker`), on the warm test
+users and on the cold-start items; each variant trained with every seed given, the
 table shows the mean over seeds (and the standard deviation of NDCG@10).
 
     python bench/modalities.py                       # ml100k_mm (needs ../shared/data), seed 0
@@ -29,6 +30,7 @@ from multimodal_rec.models.loading import config_differences, read_checkpoint
 from multimodal_rec.training import retest, train, write_json_atomic
 
 TRANSFORMER = "model.recommender.history_encoder.rnn=transformer"
+FULL = "model.modalities=[id,image,text,attributes]"
 VARIANTS = {
     "id": ("ID-only GRU", ["model.modalities=[id]"]),
     "text": ("+ text", ["model.modalities=[id,text]"]),
@@ -36,6 +38,14 @@ VARIANTS = {
     "full": ("full (id+image+text+attributes)", ["model.modalities=[id,image,text,attributes]"]),
     "id_transformer": ("ID-only transformer", ["model.modalities=[id]", TRANSFORMER]),
     "full_transformer": ("full, transformer history", ["model.modalities=[id,image,text,attributes]", TRANSFORMER]),
+    # the full model with one of its settings undone: what each change is worth
+    "sampled": ("full, sampled softmax", [FULL, "model.recommender.loss=sampled"]),
+    "cosine": ("full, cosine / temperature", [FULL, "model.recommender.score=cosine"]),
+    "profile_context": ("full, + profile and hour", [FULL, "model.recommender.history_encoder.use_profile=true",
+                                                     "model.recommender.history_encoder.use_context=true"]),
+    "small_gru": ("full, GRU 64 / dropout 0.1", [FULL, "model.recommender.history_encoder.hidden=64",
+                                                 "model.recommender.history_encoder.dropout=0.1"]),
+    "ranker": ("full, + ranking network", [FULL, "model.recommender.rerank_top=50"]),
 }
 
 
@@ -95,7 +105,7 @@ def main() -> None:
     parser.add_argument("--out", default="logs/bench/modalities", type=Path)
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="a run per seed; the table averages them")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["id", "text", "image", "full"])
     parser.add_argument("--retest", action="store_true",
                         help="no training: test each run's best checkpoint again (same settings required)")
     parser.add_argument("--resume", action="store_true",
