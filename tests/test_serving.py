@@ -14,6 +14,7 @@ import pytest
 import uvicorn
 
 from multimodal_rec.serving.app import create_app
+from multimodal_rec.serving.errors import RequestError
 from multimodal_rec.serving.service import RecommenderService
 from tests.conftest import free_port, twin_item
 
@@ -110,6 +111,17 @@ def test_filters_and_cold_users(live):
     assert _ids(popular)[0] == int(catalog.sort_values("popularity", ascending=False, kind="stable")["item_id"].iat[0])
     profile = client.post("/recommend", json={"profile": {"gender": "f", "age": 30}, "k": 3}).json()
     assert profile["strategy"] == "profile" and len(profile["items"]) == 3
+
+
+def test_a_model_without_profiles_answers_a_profile_alone_by_popularity(tiny_artifacts):
+    """A query tower trained with use_profile=false cannot read a profile: such a request gets the popular
+    items and says so, rather than one "profile" answer that is the same for every profile."""
+    service = RecommenderService(tiny_artifacts)
+    service.artifacts.parts["history_encoder"].profile = None
+    answer = service.recommend(None, None, {"gender": "f", "age": 30}, None, 3, None, True)
+    assert answer["strategy"] == "popularity" and len(answer["items"]) == 3
+    with pytest.raises(RequestError, match="unknown profile attribute"):  # still checked
+        service.recommend(None, None, {"shoe_size": 42}, None, 3, None, True)
 
 
 def test_rank_and_similar(live):

@@ -71,13 +71,14 @@ def build_query(artifacts: Artifacts, user_id: int | None, history: list[int] | 
             hour = int(parts["histories"]["last_hour"][row])
     seen = np.concatenate([stored_rows, session_rows])  # all of it is excluded with exclude_seen
     rows = seen[-parts["max_len"]:]  # the model reads the most recent max_len
-    if not len(rows) and not profile and base_profile is None:  # nothing known: the most popular items
-        return Query(np.empty(0, dtype=np.float32), seen, "popularity")
+    codes = _profile_codes(artifacts, profile, base_profile)  # a bad profile is a 422 whatever the model reads
+    reads_profiles = getattr(parts["history_encoder"], "profile", None) is not None
+    if not len(rows) and (not reads_profiles or (not profile and base_profile is None)):
+        return Query(np.empty(0, dtype=np.float32), seen, "popularity")  # nothing the model can use
     vectors = torch.from_numpy(artifacts.tower_vectors(rows)).unsqueeze(0)  # (1, L, d)
     if not len(rows):
         vectors = torch.zeros(1, 1, artifacts.item_dim)
     mask = torch.ones(vectors.shape[:2], dtype=torch.bool) if len(rows) else torch.zeros(1, 1, dtype=torch.bool)
-    codes = _profile_codes(artifacts, profile, base_profile)
     hours = torch.tensor([hour if hour is not None else 12])
     query = parts["history_encoder"](vectors, mask, codes, hours)[:, -1]
     vector = retrieval_vectors(query, artifacts.score)[0].numpy().astype(np.float32)
