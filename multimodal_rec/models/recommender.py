@@ -50,6 +50,8 @@ class MultimodalRecommender(pl.LightningModule):
                  encoder_lr_scale: float = 0.1, item_bias: bool = False, loss: str = "auto",
                  full_softmax_max_items: int = FULL_SOFTMAX_MAX_ITEMS, score: str = "cosine",
                  ks: tuple = (10, 20)):
+        # score defaults to cosine here (conf/model says dot): checkpoints saved before the choice rebuild as they
+        # were trained
         super().__init__()
         self.save_hyperparameters(ignore=["bundle", "item_tower", "history_encoder", "ranker", "optimizer",
                                           "scheduler"])
