@@ -131,7 +131,7 @@ class Exporter:
             "metric": "inner_product",
             "normalised": self.model.bias_head is None and self.model.hparams.score == "cosine",
             "score": self.model.hparams.score,
-            # with item biases the last column is temperature * bias for items and 1 for users
+            # with item biases the last column is the item's bias (x temperature for cosine) and 1 for users
             "item_bias": self.model.bias_head is not None,
             "data": self.datamodule.name, "counts": {k: int(len(v)) for k, v in self.ids.items()},
             "shards": {k: [done[emb.shard_name(k, n)] for kk, n in plan if kk == k] for k in ("items", "users")},
