@@ -163,11 +163,9 @@ class MultimodalRecommender(pl.LightningModule):
 
     def _full_scores(self, batch: dict, valid: torch.Tensor, positives: torch.Tensor) -> tuple:
         """Every item is a candidate: (P, N) scores, items never trained on (cold) masked out of the softmax."""
-        history = batch["history"]
         all_vectors, all_biases = self.all_item_embeddings()  # (N, d), (N,)
-        padded = torch.cat([all_vectors, all_vectors.new_zeros(1, all_vectors.shape[1])])
-        queries = self.encode_history(history, padded[history], self.users(batch["user"]),
-                                       batch["context_hour"])[valid]  # (P, d)
+        queries = self.queries(batch["history"], batch["user"], batch["context_hour"],
+                               item_vectors=all_vectors)[valid]  # (P, d)
         similarity = (queries @ all_vectors.T + all_biases).masked_fill(self.untrained_items, float("-inf"))
         return queries, all_vectors, similarity, positives, None
 
