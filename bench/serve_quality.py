@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine, markdown_table  # noqa: E402
@@ -31,6 +31,7 @@ from multimodal_rec.data.schema import load_dataset  # noqa: E402
 from multimodal_rec.data.sequences import hour_of_day  # noqa: E402
 from multimodal_rec.data.splits import build_split  # noqa: E402
 from multimodal_rec.embeddings import MANIFEST_FILE  # noqa: E402
+from multimodal_rec.evaluation.metrics import RankingEvaluator  # noqa: E402
 from multimodal_rec.training import write_json_atomic  # noqa: E402
 
 K = 20
@@ -85,12 +86,11 @@ async def ask_all(url: str, requests: list[tuple[dict, int]], clients: int) -> l
 
 
 def metrics(ranks: list[int | None]) -> dict:
-    def at(k: int, gain) -> float:
-        return float(np.mean([gain(r) if r is not None and r < k else 0.0 for r in ranks]))
-
-    return {"hr@10": at(10, lambda r: 1.0), "ndcg@10": at(10, lambda r: 1 / math.log2(r + 2)),
-            "mrr@10": at(10, lambda r: 1 / (r + 1)), "hr@20": at(20, lambda r: 1.0),
-            "ndcg@20": at(20, lambda r: 1 / math.log2(r + 2)), "users": len(ranks)}
+    """The protocol's metrics from the target ranks (None: not in the answer's top K)."""
+    evaluator = RankingEvaluator(n_items=1, ks=(10, K))
+    evaluator.add_ranks(torch.tensor([K if r is None else r for r in ranks]))
+    values = evaluator.compute()
+    return {key: values[key] for key in ("hr@10", "ndcg@10", "mrr@10", "hr@20", "ndcg@20")} | {"users": len(ranks)}
 
 
 def main() -> None:

@@ -16,11 +16,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine, markdown_table  # noqa: E402
 from multimodal_rec.data.schema import load_dataset  # noqa: E402
 from multimodal_rec.data.splits import Split, build_split  # noqa: E402
+from multimodal_rec.evaluation.metrics import RankingEvaluator  # noqa: E402
 
 DAY = 86_400
 WINDOWS = (1, 7, 14, 30, 90, None)  # days; None: every training interaction before t
@@ -55,9 +57,10 @@ def main() -> None:
     for days in WINDOWS:
         row = {"signal": f"training interactions in the {days} days before t" if days else "all before t"}
         for stage in ("val", "test"):
-            ranks = recent_popularity_ranks(split, stage, days)
-            row[f"{stage} hr@10"] = float((ranks < 10).mean())
-            row[f"{stage} ndcg@10"] = float(np.where(ranks < 10, 1 / np.log2(ranks + 2), 0).mean())
+            evaluator = RankingEvaluator(split.n_items, ks=(10,))
+            evaluator.add_ranks(torch.from_numpy(recent_popularity_ranks(split, stage, days)))
+            values = evaluator.compute()
+            row[f"{stage} hr@10"], row[f"{stage} ndcg@10"] = values["hr@10"], values["ndcg@10"]
         rows.append(row)
     print(f"\nRecent popularity as the only signal ({machine()})\n")
     print(markdown_table(rows, ("val hr@10", "val ndcg@10", "test hr@10", "test ndcg@10"), first="signal"))

@@ -276,3 +276,14 @@ def test_log_loss_hand_value() -> None:
     assert math.isfinite(log_loss_with_logits([0], [1000.0]))
     with pytest.raises(ValueError, match="logits"):
         log_loss([1], [3.0])
+
+
+def test_ranks_from_elsewhere_give_the_same_metrics_by_hand():
+    evaluator = RankingEvaluator(n_items=100, ks=(10, 20))
+    evaluator.add_ranks(torch.tensor([0, 1, 25]))  # 25: a miss at both K
+    metrics = evaluator.compute()
+    assert metrics["hr@10"] == pytest.approx(2 / 3) and metrics["hr@20"] == pytest.approx(2 / 3)
+    assert metrics["ndcg@10"] == pytest.approx((1 + 1 / math.log2(3)) / 3)
+    assert metrics["mrr@10"] == pytest.approx((1 + 1 / 2) / 3) and metrics["n_users"] == 3
+    with pytest.raises(ValueError, match="non-negative"):
+        evaluator.add_ranks(torch.tensor([-1]))

@@ -70,6 +70,13 @@ class RankingEvaluator:
         self.rank_counts += torch.bincount(ranks[ranks < self.kmax], minlength=self.kmax)
         self.n_users += int(ranks.numel())
 
+    def add_ranks(self, ranks: Tensor) -> None:
+        """0-based target ranks (B,) computed elsewhere (an endpoint's answer, a heuristic); a rank >= the
+        largest K is a miss. Coverage is not tracked this way (no top-K lists are seen)."""
+        if ranks.dtype.is_floating_point or bool((ranks < 0).any()):
+            raise ValueError("ranks must be non-negative integers")
+        self._add_ranks(ranks)
+
     def update(self, scores: Tensor, targets: Tensor, exclude_rows: Tensor | None = None,
                exclude_cols: Tensor | None = None) -> None:
         """scores (B, N) over all items, targets (B,), exclusions as (E,) (row, item) pairs."""
