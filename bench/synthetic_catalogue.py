@@ -16,7 +16,8 @@ import pandas as pd
 from bench.index import synthetic
 from multimodal_rec import embeddings as emb
 from multimodal_rec.index import build_index
-from multimodal_rec.serving.parts import CATALOG_FILE, MODEL_FILE
+from multimodal_rec.serving.model_files import CONFIG_FILE, WEIGHTS_FILE
+from multimodal_rec.serving.parts import CATALOG_FILE
 
 SHARD_ROWS = 100_000
 
@@ -27,7 +28,8 @@ def make_synthetic_artifacts(source: Path, out: Path, n_items: int, index: str =
     vectors = synthetic(n_items, source_manifest["dim"], max(n_items // 250, 10), rng)
     ids = np.arange(1, n_items + 1, dtype=np.int64)
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(source / MODEL_FILE, out / MODEL_FILE)  # its checks name the source's checkpoint and data
+    for name in (CONFIG_FILE, WEIGHTS_FILE):  # their checks name the source's checkpoint and data
+        shutil.copy(source / name, out / name)
     items = [emb.write_shard(out, "items", i, ids[s:s + SHARD_ROWS], vectors[s:s + SHARD_ROWS])
              for i, s in enumerate(range(0, n_items, SHARD_ROWS))]
     users = [emb.write_shard(out, "users", i, *chunk) for i, chunk in enumerate(emb.iter_embeddings(source, "users"))]

@@ -155,14 +155,14 @@ def _evaluate_checkpoint_in_one_process(best: str) -> tuple[dict, object]:
     import pytorch_lightning as pl
     from omegaconf import OmegaConf
 
-    checkpoint = torch.load(best, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(best, map_location="cpu", weights_only=True)
     cfg = OmegaConf.create(checkpoint["multimodal_rec"]["config"])
     pl.seed_everything(cfg.seed)  # the same start as every rank of the run (see the feature-cache note below)
     datamodule = hydra.utils.instantiate(cfg.data)
     model = hydra.utils.instantiate(cfg.model)(datamodule=datamodule)
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
-    trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=False, verbose=False)
+    trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False)
     return model.test_metrics, datamodule
 
 
@@ -195,7 +195,7 @@ def test_two_process_run_reports_the_metrics_of_a_single_process_evaluation(tmp_
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert len(checkpoints) == 2 and "last.ckpt" in checkpoints, checkpoints  # one best + last, no duplicates
     best = result["best_checkpoint"]
-    checkpoint = torch.load(best, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(best, map_location="cpu", weights_only=True)
     assert checkpoint["multimodal_rec"]["world_size"] == 2
 
     single, datamodule = _evaluate_checkpoint_in_one_process(best)

@@ -40,14 +40,14 @@ def test_resume_continues_where_it_stopped(tmp_path):
     first = run_train(tmp_path, "first", *common, "trainer.max_epochs=2")
     assert first["epochs"] == 2
     last = tmp_path / "first" / "checkpoints" / "last.ckpt"
-    checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
     described = checkpoint["multimodal_rec"]
     assert described["data_fingerprint"] == first["data_fingerprint"] and described["dim"] == 64
     assert described["config"]["data"]["name"] == "synthetic_tiny"
     assert checkpoint["epoch"] == 1 and checkpoint["global_step"] == 4
     second = run_train(tmp_path, "second", *common, "trainer.max_epochs=3", f"ckpt_path={last}")
     assert second["epochs"] == 3
-    resumed = torch.load(tmp_path / "second" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    resumed = torch.load(tmp_path / "second" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert resumed["global_step"] == 6  # two more batches, not a restart from zero
 
 

@@ -82,12 +82,12 @@ def test_validation_and_checkpoints_use_the_average(tmp_path):
     assert torch.allclose(model.net.weight, averages[-1], atol=1e-6)  # what test/export see after fit
     assert torch.equal(model.table, torch.arange(6.0))
     best = trainer.checkpoint_callback.best_model_path
-    checkpoint = torch.load(best, weights_only=False)
+    checkpoint = torch.load(best, weights_only=True)
     assert torch.allclose(checkpoint["state_dict"]["net.weight"], averages[-1], atol=1e-6)
     assert torch.allclose(checkpoint["ema_raw_weights"]["net.weight"], record.weights[-1], atol=1e-6)
     # testing the checkpoint (with the callback still on the trainer) evaluates the average, not the raw weights
     model.seen_in_validation.clear()
-    trainer.validate(model, loader(), ckpt_path=best, weights_only=False, verbose=False)
+    trainer.validate(model, loader(), ckpt_path=best, weights_only=True, verbose=False)
     assert torch.allclose(model.seen_in_validation[0], averages[-1], atol=1e-6)
 
 

@@ -47,7 +47,7 @@ def cached(cache_dir: str | Path | None, key: str, compute: Callable[[], dict]) 
     path = Path(cache_dir) / "features" / f"{key}.pt"
     if path.is_file():
         try:
-            return torch.load(path, map_location="cpu"), True
+            return torch.load(path, map_location="cpu", weights_only=True), True
         except (OSError, RuntimeError, EOFError) as error:  # a damaged file is recomputed, not trusted
             log.warning("feature cache %s unreadable (%s); recomputing", path, error)
     value = compute()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import pickle
+import re
 import logging
 from pathlib import Path
 
@@ -42,7 +44,13 @@ def read_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
+    except pickle.UnpicklingError as error:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if not found:
+            raise CheckpointError(f"checkpoint {path} cannot be read (not a torch file, or truncated)") from error
+        raise CheckpointError(f"checkpoint {path} holds objects other than tensors and plain data ({found[1]}), "
+                              f"which are not loaded: unpickling them could run code") from error
     except Exception as error:  # torch raises many kinds for a truncated or foreign file
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error})") from error
     if not isinstance(checkpoint, dict) or "multimodal_rec" not in checkpoint or "state_dict" not in checkpoint:

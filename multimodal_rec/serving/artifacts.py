@@ -10,16 +10,12 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pandas as pd
-import torch
 
 from multimodal_rec import embeddings as emb
-from multimodal_rec.serving.parts import CATALOG_FILE, MODALITY_PARTS_FILE, MODEL_FILE, PARTS_FORMAT
+from multimodal_rec.serving.model_files import ArtifactsError, load_parts, read_config
+from multimodal_rec.serving.parts import CATALOG_FILE, MODALITY_PARTS_FILE
 
 log = logging.getLogger(__name__)
-
-
-class ArtifactsError(emb.EmbeddingsError):
-    """An artifact folder that cannot be served; the message says which file and why."""
 
 
 class ExactIndex:
@@ -111,18 +107,14 @@ def load_artifacts(root: str | Path, index_name: str | None = None) -> Artifacts
     if not root.is_dir():
         raise ArtifactsError(f"artifact folder {root} does not exist")
     manifest = emb.load_manifest(root)
-    for name in (MODEL_FILE, CATALOG_FILE):
-        if not (root / name).is_file():
-            raise ArtifactsError(f"{root} lacks {name}: export with serving_parts=true")
-    try:
-        parts = torch.load(root / MODEL_FILE, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises many kinds for a truncated or foreign file
-        raise ArtifactsError(f"{root / MODEL_FILE} cannot be read ({type(error).__name__}: {error})") from error
-    if not isinstance(parts, dict) or parts.get("format") != PARTS_FORMAT:
-        raise ArtifactsError(f"{root / MODEL_FILE} is not a {PARTS_FORMAT} file")
+    config = read_config(root)  # refuses an old pickled model.pt before anything else is read
+    if not (root / CATALOG_FILE).is_file():
+        raise ArtifactsError(f"{root} lacks {CATALOG_FILE}: export with serving_parts=true")
     for key in ("checkpoint_sha256", "data_fingerprint", "dim"):
-        if parts[key] != manifest[key]:
-            raise ArtifactsError(f"{MODEL_FILE} and the embeddings disagree on {key}: {parts[key]} vs {manifest[key]}")
+        if config.get(key) != manifest[key]:
+            raise ArtifactsError(f"the serving parts and the embeddings disagree on {key}: {config.get(key)} vs "
+                                 f"{manifest[key]}")
+    parts = load_parts(root)
     item_ids, item_vectors = emb.read_embeddings(root, "items")
     user_ids, user_vectors = emb.read_embeddings(root, "users")
     catalog = pd.read_parquet(root / CATALOG_FILE)

@@ -1,7 +1,7 @@
 """Item cold start at serving time: a new item's text, image and attributes -> the item tower's vector.
 
 The inputs are coded exactly as data/features.py codes the catalogue (same tokenizer, image size,
-vocabularies, numeric quantiles and frozen encoders, all saved in model.pt).
+vocabularies, numeric quantiles and frozen encoders, all saved in model.json + model.safetensors).
 """
 
 from __future__ import annotations

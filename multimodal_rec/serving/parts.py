@@ -1,8 +1,9 @@
 """The parts of a trained model that serving needs, written beside the exported embeddings.
 
-  model.pt          the towers as modules (item tower, history encoder, ranker, user profiles), the
-                    the frozen encoders, the vocabularies that turn a new item into tower inputs,
-                    and every known user's history (external item ids)
+  model.json        settings, the vocabularies that turn a new item into tower inputs, and how to build
+                    each module (item tower, history encoder, ranker, frozen encoders) from this package
+  model.safetensors their weights, the user profiles and every known user's history (external item ids);
+                    no pickles: model_files.py
   catalog.parquet   item_id, title, attributes (for filters and answers), training popularity, cold flag
   modality_parts.npy  (N, M, d) float16: each item's per-modality vectors (and content-neighbour part), for
                     the reasons
@@ -23,11 +24,11 @@ import torch
 from multimodal_rec.data.sequences import hour_of_day
 from multimodal_rec.embeddings import atomic_file
 from multimodal_rec.models.content_graph import unit_features
+from multimodal_rec.serving.model_files import save_parts
 
 log = logging.getLogger(__name__)
 
-PARTS_FORMAT = "multimodal_rec.serving/1"
-MODEL_FILE, CATALOG_FILE, MODALITY_PARTS_FILE = "model.pt", "catalog.parquet", "modality_parts.npy"
+CATALOG_FILE, MODALITY_PARTS_FILE = "catalog.parquet", "modality_parts.npy"
 MAX_PARTS_ITEMS = 2_000_000  # beyond this the per-modality vectors would not fit comfortably; reasons omit them
 MAX_GRAPH_VALUES = 400_000_000  # float16 feature values of the warm items kept for new items' content neighbours
 
@@ -112,7 +113,6 @@ def write_serving_parts(model, datamodule, out: str | Path, manifest: dict) -> N
     data_cfg = cfg.get("data", {})
     popularity = np.bincount(datamodule.split.train_interactions()["item"], minlength=model.n_items)
     parts = {
-        "format": PARTS_FORMAT,
         "checkpoint_sha256": manifest["checkpoint_sha256"],
         "data_fingerprint": manifest["data_fingerprint"],
         "dim": int(model.retrieval_dim),  # of the exported vectors (the bias column included)
@@ -139,8 +139,7 @@ def write_serving_parts(model, datamodule, out: str | Path, manifest: dict) -> N
         "vocabularies": _vocabularies(datamodule),
         "histories": _histories(datamodule),
     }
-    with atomic_file(out / MODEL_FILE) as tmp:
-        torch.save(parts, tmp)
+    save_parts(parts, out)
     with atomic_file(out / CATALOG_FILE) as tmp:
         _catalog(datamodule, popularity).to_parquet(tmp, index=False)
     vectors = modality_parts(model)

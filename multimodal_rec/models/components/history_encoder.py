@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from multimodal_rec.models.components.attributes import AttributeEncoder
+from multimodal_rec.safe_modules import rebuildable
 
 N_HOURS = 24
 SEQUENCE_MODELS = ("gru", "lstm", "transformer")
@@ -44,6 +45,7 @@ class CausalSelfAttention(nn.Module):
         return self.encoder(x, mask=blocked.repeat_interleave(self.heads, dim=0))
 
 
+@rebuildable
 class HistoryEncoder(nn.Module):
     def __init__(self, dim: int, hidden: int | None = None, rnn: str = "gru", num_layers: int = 1,
                  dropout: float = 0.1, user_categorical_sizes: tuple = (), n_user_numeric: int = 0,

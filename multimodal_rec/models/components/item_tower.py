@@ -13,6 +13,7 @@ from torch import nn
 
 from multimodal_rec.models.components.attributes import AttributeEncoder
 from multimodal_rec.models.components.fusion import ConcatFusion, GatedFusion, ResidualFusion
+from multimodal_rec.safe_modules import rebuildable
 
 MODALITIES = ("id", "image", "text", "attributes")
 
@@ -30,11 +31,8 @@ def _projection(in_dim: int, dim: int, dropout: float) -> nn.Module:
     return nn.Sequential(nn.LayerNorm(in_dim), nn.Dropout(dropout), linear)
 
 
+@rebuildable
 class ItemTower(nn.Module):
-    # class-level defaults: towers pickled in artifacts from before these settings read them from here
-    neighbours: int = 0
-    content_shrinkage: float = 0.0
-
     def __init__(self, dim: int, n_items: int, image_dim: int = 0, text_dim: int = 0,
                  categorical_sizes: tuple = (), n_multi: int = 0, n_numeric: int = 0,
                  modalities: tuple = MODALITIES, id_dropout: float = 0.2, fusion: str = "gated",

@@ -9,7 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from multimodal_rec.safe_modules import rebuildable
 
+
+@rebuildable
 class Ranker(nn.Module):
     """MLP over [q, v, q*v, retrieval score]; the retrieval score is also added as a skip connection,
     so an untrained ranker keeps the retrieval order."""

@@ -9,12 +9,14 @@ import torch
 from torch import nn
 
 from multimodal_rec.data.features import resolve_tokenizer_path
+from multimodal_rec.safe_modules import rebuildable
 
 # all-MiniLM-L6-v2's architecture, to build it randomly initialised without its files
 MINILM_L6 = {"vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
              "intermediate_size": 1536, "max_position_embeddings": 512, "hidden_act": "gelu"}
 
 
+@rebuildable
 class TextEncoder(nn.Module):
     """model: "minilm" (pretrained all-MiniLM-L6-v2 from PyPI) or a local HF folder. With
     pretrained=False the same architecture is randomly initialised; `tiny_layers/tiny_hidden` shrink it
