@@ -1,9 +1,11 @@
 """Serve recommendations over HTTP from an artifact folder (export + index).
 
     python serve.py artifacts=artifacts/synthetic port=8000      # then open http://127.0.0.1:8000/docs
+    MMREC_WRITE_TOKEN=$(cat token) python serve.py ...           # enables POST/DELETE /items and /admin/*
 """
 
 import sys
+from pathlib import Path
 
 import hydra
 import torch
@@ -13,6 +15,7 @@ from omegaconf import DictConfig
 from multimodal_rec.config import CONF_DIR
 from multimodal_rec.embeddings import EmbeddingsError
 from multimodal_rec.serving.app import create_app
+from multimodal_rec.serving.auth import load_tokens
 from multimodal_rec.serving.service import RecommenderService
 
 
@@ -20,12 +23,19 @@ from multimodal_rec.serving.service import RecommenderService
 def main(cfg: DictConfig) -> None:
     torch.set_num_threads(cfg.torch_threads)
     try:
-        service = RecommenderService(cfg.artifacts, cfg.index_name)
-    except EmbeddingsError as error:  # a missing, incomplete or mismatched folder: one clear line
+        tokens = load_tokens(cfg.auth)
+        root = Path(cfg.artifacts_root or Path(cfg.artifacts).resolve().parent)
+        journal = cfg.journal or root / "journal.jsonl"
+        service = RecommenderService(cfg.artifacts, cfg.index_name, artifacts_root=root, journal=journal)
+    except (EmbeddingsError, OSError, ValueError) as error:  # a bad folder or token file: one clear line
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    print(f"serving {service.describe()} on http://{cfg.host}:{cfg.port} (docs at /docs)", flush=True)
-    uvicorn.run(create_app(service, cfg.max_body_bytes), host=cfg.host, port=cfg.port, log_level=cfg.log_level)
+    writes = "enabled" if tokens.write else "disabled (no write token configured)"
+    reads = "need the read token" if tokens.read else "open"
+    print(f"serving {service.describe()} on http://{cfg.host}:{cfg.port} (docs at /docs); writes {writes}, "
+          f"reads {reads}", flush=True)
+    uvicorn.run(create_app(service, cfg.max_body_bytes, tokens), host=cfg.host, port=cfg.port,
+                log_level=cfg.log_level)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,12 @@ import pytest
 import uvicorn
 
 from multimodal_rec.serving.app import create_app
+from multimodal_rec.serving.auth import Tokens
 from multimodal_rec.serving.errors import RequestError
 from multimodal_rec.serving.service import RecommenderService
 from tests.conftest import free_port, twin_item
+
+TOKEN = "test-write-token"
 
 
 @pytest.fixture(scope="module")
@@ -26,15 +29,16 @@ def live(tiny_artifacts, tmp_path_factory):
     shutil.copytree(tiny_artifacts, folder)
     service = RecommenderService(folder)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(service, max_body_bytes=1_000_000), host="127.0.0.1",
-                                           port=port, log_level="warning"))
+    app = create_app(service, max_body_bytes=1_000_000, tokens=Tokens(write=TOKEN))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
     while not server.started and time.time() < deadline:
         time.sleep(0.05)
     assert server.started, "server did not start"
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30, headers=headers) as client:
         yield client, service
     server.should_exit = True
     thread.join(10)
@@ -206,7 +210,7 @@ def test_other_bad_inputs(live):
 def test_reload_swaps_atomically_and_refuses_bad_artifacts(live, tmp_path):
     client, service = live
     before = service.describe()
-    refused = client.post("/admin/reload", json={"artifacts": str(tmp_path / "nothing-here")})
+    refused = client.post("/admin/reload", json={"artifacts": "nothing-here"})  # under the root, not a folder
     assert refused.status_code == 422 and "old ones stay in service" in refused.text
     assert service.describe()["loaded_at"] == before["loaded_at"]
     errors, stop = [], threading.Event()

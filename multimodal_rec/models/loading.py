@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import re
-import logging
 from pathlib import Path
 
 import hydra

@@ -1,6 +1,7 @@
-"""The HTTP app (FastAPI): recommend, rank, similar items, new items, health, metrics, reload.
+"""The HTTP app (FastAPI): recommend, rank, similar items, new and withdrawn items, health, metrics, reload.
 
 Every error a client can cause is a 4xx with a message that says what was wrong; OpenAPI docs at /docs.
+Writes need the write token; reads need the read token only where one is configured (auth.py).
 """
 
 from __future__ import annotations
@@ -8,15 +9,18 @@ from __future__ import annotations
 import logging
 import time
 
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from multimodal_rec.embeddings import EmbeddingsError
+from multimodal_rec.serving.auth import Tokens, read_guard, write_guard
 from multimodal_rec.serving.errors import RequestError
 from multimodal_rec.serving.schemas import (
+    MAX_ID,
     MAX_K,
+    ErrorBody,
     NewItem,
     RankRequest,
     RecommendRequest,
@@ -26,6 +30,11 @@ from multimodal_rec.serving.schemas import (
 from multimodal_rec.serving.service import RecommenderService
 
 log = logging.getLogger(__name__)
+ERROR_MEANING = {400: "the body is not JSON", 401: "no token sent",
+                 403: "a wrong token, writes disabled, or a path outside the artifacts root",
+                 404: "an unknown user or item id", 409: "the item id exists already", 410: "a withdrawn item",
+                 413: "the body is too large", 422: "an invalid request, named field by field",
+                 503: "no artifacts are loaded"}
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -65,8 +74,13 @@ class _TooLarge(Exception):
     pass
 
 
-def create_app(service: RecommenderService, max_body_bytes: int = 10 * 1024 * 1024) -> FastAPI:
+def create_app(service: RecommenderService, max_body_bytes: int = 10 * 1024 * 1024,
+               tokens: Tokens | None = None) -> FastAPI:
+    """tokens: none configured means writes answer 403 (saying how to enable them) and reads are open."""
     app = FastAPI(title="multimodal_rec", description="Multimodal recommendations with reasons", version="1")
+    tokens = tokens or Tokens()
+    # the schema (/docs, clients, fuzzers) shows a bearer requirement on reads only where one is in force
+    reads, writes = [Depends(read_guard(tokens))] if tokens.read else [], [Depends(write_guard(tokens))]
     registry = CollectorRegistry()
     requests = Counter("mmrec_requests", "requests by route and status", ["route", "status"], registry=registry)
     latency = Histogram("mmrec_request_seconds", "request latency by route", ["route"], buckets=LATENCY_BUCKETS,
@@ -84,7 +98,7 @@ def create_app(service: RecommenderService, max_body_bytes: int = 10 * 1024 * 10
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, error: RequestError):
-        return JSONResponse({"detail": str(error), **error.details}, status_code=error.status)
+        return JSONResponse({"detail": str(error), **error.details}, status_code=error.status, headers=error.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError):
@@ -97,31 +111,43 @@ def create_app(service: RecommenderService, max_body_bytes: int = 10 * 1024 * 10
     # GIL (p99 at 8 clients 27 ms instead of 42 ms in bench/serve_load.py); slow work (new items, reloads)
     # stays in the thread pool.
     ANSWER = {200: {"model": RecommendResponse, "description": "items, best first, each with its reason"}}
+    guarded_reads = (401, 403) if tokens.read else ()
+
+    def errors(*codes: int) -> dict:
+        """The error answers a route can give, documented so that clients (and the fuzzer) know them."""
+        return {code: {"model": ErrorBody, "description": ERROR_MEANING[code]} for code in codes}
+
+    QUERY_ERRORS = errors(400, *guarded_reads, 404, 413, 422)
 
     def query_args(body) -> tuple:
         hour = body.context.hour if body.context else None
         return body.user_id, body.history, body.profile, hour
 
-    @app.post("/recommend", response_model=None, responses=ANSWER)
+    @app.post("/recommend", response_model=None, responses={**ANSWER, **QUERY_ERRORS}, dependencies=reads)
     async def recommend(body: RecommendRequest):
         filters = {k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in (body.filters or {}).items()}
         return JSONResponse(service.recommend(*query_args(body), body.k, filters, body.exclude_seen))
 
-    @app.post("/rank", response_model=None, responses=ANSWER)
+    @app.post("/rank", response_model=None, responses={**ANSWER, **QUERY_ERRORS, **errors(410)}, dependencies=reads)
     async def rank(body: RankRequest):
         return JSONResponse(service.rank(*query_args(body), body.items))
 
-    @app.get("/items/{item_id}/similar", response_model=None, responses=ANSWER)
-    async def similar(item_id: int, k: int = Query(10, ge=1, le=MAX_K)):
+    @app.get("/items/{item_id}/similar", response_model=None, dependencies=reads,
+             responses={**ANSWER, **errors(*guarded_reads, 404, 410, 422)})
+    async def similar(item_id: int = Path(ge=0, le=MAX_ID), k: int = Query(10, ge=1, le=MAX_K)):
         return JSONResponse(service.similar(item_id, k))
 
-    @app.post("/items", status_code=201)
+    @app.post("/items", status_code=201, dependencies=writes, responses=errors(400, 401, 403, 409, 413, 422))
     def add_item(body: NewItem):
         return service.add_item(body.item_id, body.title, body.text, body.image_base64, body.attributes)
 
-    @app.post("/admin/reload")
+    @app.delete("/items/{item_id}", dependencies=writes, responses=errors(401, 403, 404, 422))
+    def withdraw_item(item_id: int = Path(ge=0, le=MAX_ID)):
+        return service.withdraw_item(item_id)
+
+    @app.post("/admin/reload", dependencies=writes, responses=errors(400, 401, 403, 413, 422))
     def reload(body: ReloadRequest):
-        target = body.artifacts or str(service.artifacts.root)
+        target = service.reload_target(body.artifacts)  # 403 outside the artifacts root, before any read
         try:
             return service.load(target)
         except (EmbeddingsError, OSError) as error:
@@ -131,16 +157,16 @@ def create_app(service: RecommenderService, max_body_bytes: int = 10 * 1024 * 10
     def healthz():
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses=errors(503))
     def readyz():
         try:
             return {"status": "ready", **service.describe()}
         except RequestError as error:
             return JSONResponse({"status": "not ready", "detail": str(error)}, status_code=503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=reads, response_class=PlainTextResponse, responses=errors(*guarded_reads))
     def metrics():
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     if max_body_bytes:
         app.add_middleware(BodyLimit, max_bytes=max_body_bytes)  # outermost: before anything reads the body

@@ -54,6 +54,7 @@ class Artifacts:
     user_row: dict = field(default_factory=dict)
     history_offsets: dict = field(default_factory=dict)  # external user id -> (lo, hi) in parts histories
     lock: threading.Lock = field(default_factory=threading.Lock)  # guards the index and arrays on writes
+    withdrawn: frozenset = frozenset()  # rows of items withdrawn through the API: never recommended
 
     @property
     def dim(self) -> int:

@@ -179,10 +179,11 @@ def _informative_parts(catalog: pd.DataFrame, names: list[str], anchors: np.ndar
 
 def recommend(artifacts: Artifacts, query: Query, k: int, filters: dict | None, exclude_seen: bool) -> dict:
     allowed = filter_mask(artifacts.catalog, filters) if filters else None
-    excluded = set(query.history_rows.tolist()) if exclude_seen else set()
+    excluded = (set(query.history_rows.tolist()) if exclude_seen else set()) | artifacts.withdrawn
     if query.strategy == "popularity":
         popularity = artifacts.catalog["popularity"].to_numpy(np.float64)
         candidates = np.flatnonzero(allowed) if allowed is not None else np.arange(len(popularity))
+        candidates = candidates[~np.isin(candidates, list(artifacts.withdrawn))]
         order = candidates[np.argsort(-popularity[candidates], kind="stable")][:k]
         return _answer(artifacts, query, order, popularity[order], popularity[order])
     want = max(k, int(artifacts.parts["rerank_top"]))
@@ -192,10 +193,17 @@ def recommend(artifacts: Artifacts, query: Query, k: int, filters: dict | None, 
     return _answer(artifacts, query, rows[order], scores[order], retrieval[order])
 
 
+def _refuse_withdrawn(artifacts: Artifacts, rows: np.ndarray) -> None:
+    gone = [int(artifacts.item_ids[r]) for r in rows if r in artifacts.withdrawn]
+    if gone:
+        raise RequestError(410, f"withdrawn item ids: {gone[:20]}", withdrawn_item_ids=gone)
+
+
 def rank(artifacts: Artifacts, query: Query, item_ids: list[int]) -> dict:
     rows, unknown = artifacts.rows(item_ids)
     if unknown:
         raise RequestError(404, f"unknown item ids: {unknown[:20]}", unknown_item_ids=unknown)
+    _refuse_withdrawn(artifacts, rows)
     if query.strategy == "popularity":
         retrieval = artifacts.catalog["popularity"].to_numpy(np.float32)[rows]
         scores = retrieval
@@ -210,10 +218,11 @@ def similar(artifacts: Artifacts, item_id: int, k: int) -> dict:
     rows, unknown = artifacts.rows([item_id])
     if unknown:
         raise RequestError(404, f"unknown item id {item_id}", unknown_item_ids=unknown)
+    _refuse_withdrawn(artifacts, rows)
     vector = np.zeros(artifacts.dim, dtype=np.float32)  # the bias column (if any) stays 0: pure cosine
     vector[: artifacts.item_dim] = artifacts.tower_vectors(rows[:1])[0]
     query = Query(vector, rows, "history")
-    found, scores = _retrieve(artifacts, query, k, None, {int(rows[0])})
+    found, scores = _retrieve(artifacts, query, k, None, {int(rows[0])} | artifacts.withdrawn)
     return _answer(artifacts, query, found, scores, scores)
 
 

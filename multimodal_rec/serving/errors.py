@@ -1,7 +1,7 @@
-"""The error a client can fix: the app answers it with its HTTP status and details."""
+"""The error a client can fix: the app answers it with its HTTP status, details and headers."""
 
 
 class RequestError(ValueError):
-    def __init__(self, status: int, message: str, **details):
+    def __init__(self, status: int, message: str, headers: dict | None = None, **details):
         super().__init__(message)
-        self.status, self.details = status, details
+        self.status, self.details, self.headers = status, details, headers

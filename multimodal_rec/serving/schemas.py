@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)  # JSON's NaN / Infinity (Python accepts them): 422
 MAX_HISTORY = 1000
 MAX_K = 1000
 MAX_RANK_ITEMS = 1000
+MAX_ID = 2**63 - 1  # ids are int64 in the index and the tables
+Id = Annotated[int, Field(ge=0, le=MAX_ID)]
 
 
 class Range(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     min: float | None = None
     max: float | None = None
 
@@ -22,14 +26,14 @@ Filter = Range | bool | str | int | float | list[bool | str | int]
 
 
 class Context(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     hour: int | None = Field(None, ge=0, le=23, description="hour of day (UTC) of the request")
 
 
 class QueryFields(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    user_id: int | None = Field(None, description="a known user; their stored history is used")
-    history: list[int] | None = Field(None, max_length=MAX_HISTORY,
+    model_config = STRICT
+    user_id: Id | None = Field(None, description="a known user; their stored history is used")
+    history: list[Id] | None = Field(None, max_length=MAX_HISTORY,
                                       description="item ids of the current session, oldest first")
     profile: dict[str, str | int | float] | None = Field(None, description="profile attributes, e.g. age")
     context: Context | None = None
@@ -42,20 +46,34 @@ class RecommendRequest(QueryFields):
 
 
 class RankRequest(QueryFields):
-    items: list[int] = Field(..., min_length=1, max_length=MAX_RANK_ITEMS, description="candidate item ids")
+    items: list[Id] = Field(..., min_length=1, max_length=MAX_RANK_ITEMS, description="candidate item ids")
 
 
 class NewItem(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    item_id: int
+    model_config = STRICT
+    item_id: Id
     title: str = Field(..., min_length=1, max_length=1000)
     text: str | None = Field(None, max_length=20000)
     image_base64: str | None = Field(None, description="the image file's bytes, base64-encoded")
     attributes: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("attributes")
+    @classmethod
+    def _finite(cls, attributes: dict) -> dict:
+        def check(value, where: str) -> None:
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"attribute {where} is {value}; numbers must be finite")
+            if isinstance(value, (list, dict)):
+                for key, inner in (value.items() if isinstance(value, dict) else enumerate(value)):
+                    check(inner, f"{where}.{key}")
+
+        for name, value in attributes.items():
+            check(value, name)
+        return attributes
+
 
 class ReloadRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     artifacts: str | None = Field(None, description="folder to load; default: reload the current one")
 
 
@@ -81,3 +99,9 @@ class RecommendResponse(BaseModel):
     strategy: str = Field(..., description="history | profile | popularity")
     cold_start: bool
     items: list[ScoredItem]
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx answer: `detail` says what was wrong; some add fields (`errors`, `unknown_item_ids`)."""
+    model_config = ConfigDict(extra="allow")
+    detail: str

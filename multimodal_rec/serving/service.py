@@ -1,4 +1,5 @@
-"""The service behind the endpoints: holds the artifacts in use, adds new items, swaps in new artifacts."""
+"""The service behind the endpoints: holds the artifacts in use, adds and withdraws items (journaled),
+swaps in new artifacts."""
 
 from __future__ import annotations
 
@@ -13,16 +14,23 @@ import pandas as pd
 from multimodal_rec.serving import engine
 from multimodal_rec.serving.artifacts import Artifacts, load_artifacts
 from multimodal_rec.serving.errors import RequestError
+from multimodal_rec.serving.journal import Journal
 from multimodal_rec.serving.new_items import NewItemEncoder
 
 log = logging.getLogger(__name__)
 
 
 class RecommenderService:
-    def __init__(self, artifacts_dir: str | Path, index_name: str | None = None):
+    """artifacts_root: the only folders a reload may name (default: the one holding `artifacts_dir`);
+    journal: where items added or withdrawn through the API are kept (None: in memory only)."""
+
+    def __init__(self, artifacts_dir: str | Path, index_name: str | None = None,
+                 artifacts_root: str | Path | None = None, journal: str | Path | None = None):
         self.index_name = index_name
+        self.root = Path(artifacts_root or Path(artifacts_dir).resolve().parent).resolve()
+        self.journal = Journal(journal) if journal else None
         self._state: tuple[Artifacts, NewItemEncoder] | None = None
-        self._reload_lock = threading.Lock()
+        self._write_lock = threading.RLock()  # one write at a time: reloads, additions, withdrawals
         self.loaded_at = 0.0
         self.load(artifacts_dir)
 
@@ -32,21 +40,42 @@ class RecommenderService:
             raise RequestError(503, "no artifacts are loaded")
         return self._state[0]
 
+    def reload_target(self, target: str | None) -> Path:
+        """The folder a reload request names, refused (403) unless it lies under the artifacts root once
+        `..` and symbolic links are resolved; relative names are taken from the root."""
+        if not target:
+            return self.artifacts.root
+        candidate = Path(target)
+        try:
+            resolved = (candidate if candidate.is_absolute() else self.root / candidate).resolve()
+        except (ValueError, OSError) as error:  # a NUL byte, a symlink loop
+            raise RequestError(422, f"{target!r} is not a usable path: {error}") from error
+        if not resolved.is_relative_to(self.root):
+            raise RequestError(403, f"{target!r} is outside the artifacts root; reloads only read folders under "
+                               "it (serve.yaml artifacts_root)")
+        return resolved
+
     def load(self, artifacts_dir: str | Path) -> dict:
-        """Loads new artifacts beside the old ones and swaps them in one assignment: requests in flight
-        finish on the old ones, and a folder that fails to load leaves the old ones in service."""
-        with self._reload_lock:
+        """Loads new artifacts beside the old ones, replays the journal onto them and swaps them in with one
+        assignment: requests in flight finish on the old ones, and a folder that fails to load leaves the
+        old ones in service."""
+        with self._write_lock:
             artifacts = load_artifacts(artifacts_dir, self.index_name)
-            self._state = (artifacts, NewItemEncoder(artifacts.parts))
+            encoder = NewItemEncoder(artifacts.parts)
+            if self.journal is not None:
+                self._replay(artifacts, encoder)
+            self._state = (artifacts, encoder)
             self.loaded_at = time.time()
         return self.describe()
 
     def describe(self) -> dict:
         artifacts = self.artifacts
         return {"artifacts": str(artifacts.root), "items": len(artifacts.item_ids), "users": len(artifacts.user_ids),
-                "dim": artifacts.dim, "index": artifacts.index.manifest.get("name"),
+                "withdrawn_items": len(artifacts.withdrawn), "dim": artifacts.dim,
+                "index": artifacts.index.manifest.get("name"),
                 "data_fingerprint": artifacts.manifest["data_fingerprint"],
-                "checkpoint_sha256": artifacts.manifest["checkpoint_sha256"], "loaded_at": self.loaded_at}
+                "checkpoint_sha256": artifacts.manifest["checkpoint_sha256"], "loaded_at": self.loaded_at,
+                "journal": str(self.journal.path) if self.journal else None}
 
     # ---- requests -------------------------------------------------------------------------------------
     def recommend(self, user_id, history, profile, hour, k, filters, exclude_seen) -> dict:
@@ -64,27 +93,78 @@ class RecommenderService:
 
     def add_item(self, item_id: int, title: str, text: str | None, image_base64: str | None,
                  attributes: dict) -> dict:
-        """Encodes a new item with the item tower and makes it recommendable at once."""
-        artifacts, encoder = self._state
-        if item_id in artifacts.item_row:
-            raise RequestError(409, f"item {item_id} already exists", item_id=item_id)
-        vector, parts = encoder.encode(text, image_base64, attributes)
-        row = {"item_id": item_id, "title": title, "popularity": 0, "cold": True,
-               "has_image": image_base64 is not None, "has_text": bool(text and text.strip())}
-        row.update({k: v for k, v in attributes.items() if k in artifacts.catalog.columns})
-        with artifacts.lock:
-            if item_id in artifacts.item_row:  # added by a concurrent request
+        """Encodes a new item with the item tower, journals it and makes it recommendable at once."""
+        item = {"item_id": item_id, "title": title, "text": text, "image_base64": image_base64,
+                "attributes": attributes}
+        with self._write_lock:
+            artifacts, encoder = self._state
+            if item_id in artifacts.item_row:
                 raise RequestError(409, f"item {item_id} already exists", item_id=item_id)
-            artifacts.index.add(np.array([item_id], dtype=np.int64), vector[None])
-            artifacts.item_vectors = np.vstack([artifacts.item_vectors, vector[None]])
-            if artifacts.modality_parts is not None:
-                extra = parts[None] if parts is not None else np.zeros_like(artifacts.modality_parts[:1])
-                artifacts.modality_parts = np.concatenate([artifacts.modality_parts, extra])
-            addition = pd.DataFrame([row]).astype({c: artifacts.catalog[c].dtype for c in row
-                                                   if c in artifacts.catalog and c != "title"}, errors="ignore")
-            artifacts.catalog = pd.concat([artifacts.catalog, addition], ignore_index=True)
-            artifacts.titles = np.append(artifacts.titles, np.array([title], dtype=object))
-            artifacts.item_ids = np.append(artifacts.item_ids, np.int64(item_id))
-            artifacts.item_row[item_id] = len(artifacts.item_ids) - 1  # last: readers now see a whole item
-        log.info("added item %d (%s)", item_id, title)
+            encoded = encoder.encode(text, image_base64, attributes)  # a bad image is a 422 before anything is kept
+            if self.journal is not None:
+                self.journal.append({"op": "add", "item": item})
+            _insert(artifacts, item, *encoded)
+        log.info("added item %d", item_id)
         return {"item_id": item_id, "indexed": True, "items": len(artifacts.item_ids)}
+
+    def withdraw_item(self, item_id: int) -> dict:
+        """The item is no longer recommended (nor ranked, nor similar to anything); histories may still name it."""
+        with self._write_lock:
+            artifacts = self.artifacts
+            row = artifacts.item_row.get(item_id)
+            if row is None:
+                raise RequestError(404, f"unknown item id {item_id}", unknown_item_ids=[item_id])
+            if row not in artifacts.withdrawn:
+                if self.journal is not None:
+                    self.journal.append({"op": "withdraw", "item_id": item_id})
+                artifacts.withdrawn = artifacts.withdrawn | {row}  # a new set: readers see the old or the new
+        log.info("withdrew item %d", item_id)
+        return {"item_id": item_id, "withdrawn": True, "withdrawn_items": len(artifacts.withdrawn)}
+
+    def _replay(self, artifacts: Artifacts, encoder: NewItemEncoder) -> None:
+        """The journal's additions and withdrawals, applied in order to freshly loaded artifacts; an item the
+        artifacts already hold (a later export took it in) is kept as exported."""
+        added = withdrawn = skipped = 0
+        for entry in self.journal.entries():
+            try:
+                if entry["op"] == "add":
+                    item = entry["item"]
+                    if int(item["item_id"]) in artifacts.item_row:
+                        skipped += 1
+                        continue
+                    encoded = encoder.encode(item.get("text"), item.get("image_base64"), item.get("attributes") or {})
+                    _insert(artifacts, item, *encoded)
+                    added += 1
+                elif entry["op"] == "withdraw":
+                    row = artifacts.item_row.get(int(entry["item_id"]))
+                    if row is None:
+                        raise KeyError(f"item {entry['item_id']} is not in these artifacts")
+                    artifacts.withdrawn = artifacts.withdrawn | {row}
+                    withdrawn += 1
+                else:
+                    raise KeyError(f"unknown op {entry['op']!r}")
+            except (KeyError, TypeError, ValueError) as error:  # RequestError is a ValueError
+                log.warning("journal entry %s skipped: %s", str(entry)[:200], error)
+        if added or withdrawn or skipped:
+            log.info("journal %s replayed: %d items added, %d withdrawn, %d already exported", self.journal.path,
+                     added, withdrawn, skipped)
+
+
+def _insert(artifacts: Artifacts, item: dict, vector: np.ndarray, parts: np.ndarray | None) -> None:
+    """Makes an encoded item searchable; the caller holds the service's write lock."""
+    item_id, title, attributes = int(item["item_id"]), str(item["title"]), item.get("attributes") or {}
+    row = {"item_id": item_id, "title": title, "popularity": 0, "cold": True,
+           "has_image": item.get("image_base64") is not None, "has_text": bool((item.get("text") or "").strip())}
+    row.update({k: v for k, v in attributes.items() if k in artifacts.catalog.columns})
+    with artifacts.lock:
+        artifacts.index.add(np.array([item_id], dtype=np.int64), vector[None])
+        artifacts.item_vectors = np.vstack([artifacts.item_vectors, vector[None]])
+        if artifacts.modality_parts is not None:
+            extra = parts[None] if parts is not None else np.zeros_like(artifacts.modality_parts[:1])
+            artifacts.modality_parts = np.concatenate([artifacts.modality_parts, extra])
+        addition = pd.DataFrame([row]).astype({c: artifacts.catalog[c].dtype for c in row
+                                               if c in artifacts.catalog and c != "title"}, errors="ignore")
+        artifacts.catalog = pd.concat([artifacts.catalog, addition], ignore_index=True)
+        artifacts.titles = np.append(artifacts.titles, np.array([title], dtype=object))
+        artifacts.item_ids = np.append(artifacts.item_ids, np.int64(item_id))
+        artifacts.item_row[item_id] = len(artifacts.item_ids) - 1  # last: readers now see a whole item
