@@ -7,7 +7,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)  # JSON's NaN / Infinity (Python accepts them): 422
+# strict: no coercion (true is not the id 1, "5" is not 5); JSON's NaN / Infinity (Python reads them): 422
+STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 MAX_HISTORY = 1000
 MAX_K = 1000
 MAX_RANK_ITEMS = 1000
