@@ -36,15 +36,16 @@ from multimodal_rec.embeddings import read_embeddings  # noqa: E402
 from multimodal_rec.training import write_json_atomic  # noqa: E402
 
 
-def start_server(artifacts: Path, index: str | None, log_dir: Path) -> tuple[subprocess.Popen, str]:
+def start_server(artifacts: Path, index: str | None, log_dir: Path, env: dict | None = None,
+                 extra: tuple = ()) -> tuple[subprocess.Popen, str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     command = [sys.executable, str(PROJECT_ROOT / "serve.py"), f"artifacts={artifacts}", f"port={port}",
-               f"hydra.run.dir={log_dir}", "log_level=warning"]
+               f"hydra.run.dir={log_dir}", "log_level=warning", *extra]
     if index:
         command.append(f"index_name={index}")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     with open(log_dir / "server.log", "w") as log:  # the child keeps its own copy of the handle
         server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}"
@@ -66,15 +67,16 @@ class Connection:
     """A minimal keep-alive HTTP/1.1 client on asyncio streams: a full client library costs the load generator
     more CPU per request than the server spends, and on 2 cores that would be measured as server latency."""
 
-    def __init__(self, host: str, port: int):
+    def __init__(self, host: str, port: int, token: str | None = None):
         self.host, self.port = host, port
+        self.auth = f"Authorization: Bearer {token}\r\n" if token else ""
         self.reader = self.writer = None
 
     async def request(self, method: str, path: str, payload) -> int:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         body = json.dumps(payload).encode() if payload is not None else b""
-        head = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+        head = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n{self.auth}"
                 f"Content-Length: {len(body)}\r\n\r\n").encode()
         self.writer.write(head + body)
         status = int((await self.reader.readline()).split()[1])

@@ -128,7 +128,7 @@ def create_app(service: RecommenderService, max_body_bytes: int = 10 * 1024 * 10
         filters = {k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in (body.filters or {}).items()}
         return JSONResponse(service.recommend(*query_args(body), body.k, filters, body.exclude_seen))
 
-    @app.post("/rank", response_model=None, responses={**ANSWER, **QUERY_ERRORS, **errors(410)}, dependencies=reads)
+    @app.post("/rank", response_model=None, responses={**ANSWER, **QUERY_ERRORS}, dependencies=reads)
     async def rank(body: RankRequest):
         return JSONResponse(service.rank(*query_args(body), body.items))
 
@@ -137,7 +137,7 @@ def create_app(service: RecommenderService, max_body_bytes: int = 10 * 1024 * 10
     async def similar(item_id: int = Path(ge=0, le=MAX_ID), k: int = Query(10, ge=1, le=MAX_K)):
         return JSONResponse(service.similar(item_id, k))
 
-    @app.post("/items", status_code=201, dependencies=writes, responses=errors(400, 401, 403, 409, 413, 422))
+    @app.post("/items", status_code=201, dependencies=writes, responses=errors(400, 401, 403, 409, 413, 422, 503))
     def add_item(body: NewItem):
         return service.add_item(body.item_id, body.title, body.text, body.image_base64, body.attributes)
 

@@ -196,14 +196,15 @@ def recommend(artifacts: Artifacts, query: Query, k: int, filters: dict | None, 
 def _refuse_withdrawn(artifacts: Artifacts, rows: np.ndarray) -> None:
     gone = [int(artifacts.item_ids[r]) for r in rows if r in artifacts.withdrawn]
     if gone:
-        raise RequestError(410, f"withdrawn item ids: {gone[:20]}", withdrawn_item_ids=gone)
+        raise RequestError(410, f"item {gone[0]} was withdrawn", withdrawn_item_ids=gone)
 
 
 def rank(artifacts: Artifacts, query: Query, item_ids: list[int]) -> dict:
     rows, unknown = artifacts.rows(item_ids)
     if unknown:
         raise RequestError(404, f"unknown item ids: {unknown[:20]}", unknown_item_ids=unknown)
-    _refuse_withdrawn(artifacts, rows)
+    gone = np.isin(rows, list(artifacts.withdrawn))
+    withdrawn, rows = [int(artifacts.item_ids[r]) for r in rows[gone]], rows[~gone]
     if query.strategy == "popularity":
         retrieval = artifacts.catalog["popularity"].to_numpy(np.float32)[rows]
         scores = retrieval
@@ -211,7 +212,10 @@ def rank(artifacts: Artifacts, query: Query, item_ids: list[int]) -> dict:
         retrieval = (artifacts.item_vectors[rows] @ query.vector).astype(np.float32)
         scores = rerank(artifacts, query, rows, retrieval)
     order = np.argsort(-scores, kind="stable")
-    return _answer(artifacts, query, rows[order], scores[order], retrieval[order])
+    answer = _answer(artifacts, query, rows[order], scores[order], retrieval[order])
+    if withdrawn:  # the shop's candidate list may lag behind its withdrawals: answered without them
+        answer["withdrawn_item_ids"] = withdrawn
+    return answer
 
 
 def similar(artifacts: Artifacts, item_id: int, k: int) -> dict:
@@ -222,8 +226,25 @@ def similar(artifacts: Artifacts, item_id: int, k: int) -> dict:
     vector = np.zeros(artifacts.dim, dtype=np.float32)  # the bias column (if any) stays 0: pure cosine
     vector[: artifacts.item_dim] = artifacts.tower_vectors(rows[:1])[0]
     query = Query(vector, rows, "history")
-    found, scores = _retrieve(artifacts, query, k, None, {int(rows[0])} | artifacts.withdrawn)
+    excluded = {int(rows[0])} | artifacts.withdrawn
+    if artifacts.score == "cosine":  # unit vectors: the inner-product index ranks by cosine
+        found, scores = _retrieve(artifacts, query, k, None, excluded)
+    else:
+        found, scores = _exact_cosine(artifacts, int(rows[0]), k, excluded)
     return _answer(artifacts, query, found, scores, scores)
+
+
+def _exact_cosine(artifacts: Artifacts, row: int, k: int, excluded: set) -> tuple[np.ndarray, np.ndarray]:
+    """The k items nearest to `row` by cosine, scored exactly (O(N d): ~30 ms for 1M items of 64 d). With dot
+    scores the index would rank long vectors (popular items) first, which is not what "similar" means."""
+    vectors = artifacts.tower_vectors(np.arange(len(artifacts.item_ids)))
+    cosines = _unit(vectors) @ _unit(vectors[row])
+    if excluded:
+        cosines[np.fromiter(excluded, dtype=np.int64)] = -np.inf
+    k = min(k, int(np.isfinite(cosines).sum()))
+    top = np.argpartition(-cosines, k - 1)[:k] if k else np.empty(0, dtype=np.int64)
+    top = top[np.argsort(-cosines[top], kind="stable")]
+    return top, cosines[top].astype(np.float32)
 
 
 def _answer(artifacts: Artifacts, query: Query, rows: np.ndarray, scores: np.ndarray, retrieval: np.ndarray) -> dict:

@@ -100,6 +100,7 @@ class RecommendResponse(BaseModel):
     strategy: str = Field(..., description="history | profile | popularity")
     cold_start: bool
     items: list[ScoredItem]
+    withdrawn_item_ids: list[int] | None = Field(None, description="/rank: candidates left out, withdrawn")
 
 
 class ErrorBody(BaseModel):

@@ -96,16 +96,23 @@ class RecommenderService:
         """Encodes a new item with the item tower, journals it and makes it recommendable at once."""
         item = {"item_id": item_id, "title": title, "text": text, "image_base64": image_base64,
                 "attributes": attributes}
-        with self._write_lock:
+        for _ in range(3):
             artifacts, encoder = self._state
             if item_id in artifacts.item_row:
                 raise RequestError(409, f"item {item_id} already exists", item_id=item_id)
-            encoded = encoder.encode(text, image_base64, attributes)  # a bad image is a 422 before anything is kept
-            if self.journal is not None:
-                self.journal.append({"op": "add", "item": item})
-            _insert(artifacts, item, *encoded)
-        log.info("added item %d", item_id)
-        return {"item_id": item_id, "indexed": True, "items": len(artifacts.item_ids)}
+            # the slow part, outside the write lock (withdrawals do not wait for it); a bad image is a 422
+            encoded = encoder.encode(text, image_base64, attributes)
+            with self._write_lock:
+                if self._state[0] is not artifacts:
+                    continue  # reloaded meanwhile: encode again with the model now in service
+                if item_id in artifacts.item_row:
+                    raise RequestError(409, f"item {item_id} already exists", item_id=item_id)
+                if self.journal is not None:
+                    self.journal.append({"op": "add", "item": item})
+                _insert(artifacts, item, *encoded)
+            log.info("added item %d", item_id)
+            return {"item_id": item_id, "indexed": True, "items": len(artifacts.item_ids)}
+        raise RequestError(503, "the artifacts were reloaded three times while the item was encoded; send it again")
 
     def withdraw_item(self, item_id: int) -> dict:
         """The item is no longer recommended (nor ranked, nor similar to anything); histories may still name it."""
