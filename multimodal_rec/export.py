@@ -168,7 +168,6 @@ def _distributed() -> tuple[int, int]:
 
 def export(cfg: DictConfig) -> dict | None:
     from multimodal_rec.models.loading import resolve_checkpoint, restore_model
-    from multimodal_rec.serving.parts import write_serving_parts
 
     rank, world_size = _distributed()
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -183,9 +182,8 @@ def export(cfg: DictConfig) -> dict | None:
         if emb.load_json(manifest_path).get("checkpoint_sha256") == checkpoint_sha:
             log.info("%s already holds a complete export of this checkpoint", cfg.out)
             manifest = emb.load_json(manifest_path)
-            if cfg.serving_parts and rank == 0:  # cheap, and brings older serving parts up to date
-                write_serving_parts(model, datamodule, cfg.out, manifest)
-            return manifest
+            # serving parts: cheap, and brings older ones up to date
+            return _finish(cfg, model, datamodule, manifest) if rank == 0 else manifest
         if not cfg.overwrite:
             raise emb.EmbeddingsError(f"{cfg.out} holds the export of another checkpoint; pass overwrite=true "
                                       "to replace it, or choose another `out`")
@@ -195,8 +193,22 @@ def export(cfg: DictConfig) -> dict | None:
     exporter = Exporter(model, datamodule, checkpoint_sha, cfg.out, cfg.shard_size, cfg.batch_size, cfg.dtype,
                         rank, world_size, checkpoint)
     manifest = exporter.run()
-    if manifest is not None and cfg.serving_parts:
-        write_serving_parts(model, datamodule, cfg.out, manifest)
+    return _finish(cfg, model, datamodule, manifest) if manifest is not None else None
+
+
+def _finish(cfg: DictConfig, model, datamodule, manifest: dict) -> dict:
+    """Rank 0, after the shards: the serving parts, then the serving journal when one is given."""
+    from multimodal_rec.export_journal import drop_intake, take_in
+    from multimodal_rec.serving.parts import write_serving_parts
+
+    out = Path(cfg.out)
+    manifest = drop_intake(out, manifest)  # a previous run's intake is rebuilt from the journal given, if any
+    if cfg.serving_parts:
+        write_serving_parts(model, datamodule, out, manifest)
+    if cfg.get("journal"):
+        if not cfg.serving_parts:
+            raise emb.EmbeddingsError("journal= needs serving_parts=true: its items are encoded like the server does")
+        manifest = take_in(out, manifest, cfg.journal)
     return manifest
 
 

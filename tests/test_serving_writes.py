@@ -188,3 +188,32 @@ def test_added_and_withdrawn_items_survive_sigkill(root, tiny_checkpoint):
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(30)
+
+
+def test_the_next_export_takes_the_journal_in(root, tiny_checkpoint, tmp_path):
+    from multimodal_rec.embeddings import load_manifest
+    from multimodal_rec.export import export
+    from multimodal_rec.index import build_index
+    from multimodal_rec.serving.artifacts import ArtifactsError
+    from tests.conftest import export_config
+
+    client = _client(root, Tokens(write=WRITE))
+    headers = {"Authorization": f"Bearer {WRITE}"}
+    items = _items(tiny_checkpoint)
+    for new_id, source in ((8_000_001, 20), (8_000_002, 21)):
+        assert client.post("/items", json=twin_item(items, source, new_id), headers=headers).status_code == 201
+    assert client.delete("/items/22", headers=headers).status_code == 200
+    out = tmp_path / "next-export"
+    manifest = export(export_config(tiny_checkpoint, out, journal=str(root / "journal.jsonl")))
+    assert manifest["counts"]["items"] == 202 and manifest["journal"]["added_items"] == 2
+    assert manifest["journal"]["withdrawn_items"] == 1
+    build_index(out, "flat", out / "index-flat")  # the index holds the added items too
+    taken = TestClient(create_app(RecommenderService(out)))  # no journal: all of it comes from the export
+    assert taken.get("/readyz").json()["items"] == 202 and taken.get("/items/22/similar").status_code == 410
+    assert 8_000_001 in [i["item_id"] for i in taken.get("/items/20/similar", params={"k": 3}).json()["items"]]
+    again = export(export_config(tiny_checkpoint, out))  # the same export without the journal: as exported
+    assert again["counts"]["items"] == 200 and "journal" not in again and load_manifest(out)["counts"]["items"] == 200
+    with pytest.raises(ArtifactsError, match="index holds 202 vectors but the export 200"):
+        RecommenderService(out)  # an index built before is stale now, and says so
+    shutil.rmtree(out / "index-flat")
+    assert TestClient(create_app(RecommenderService(out))).get("/readyz").json()["items"] == 200

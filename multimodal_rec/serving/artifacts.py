@@ -137,6 +137,8 @@ def load_artifacts(root: str | Path, index_name: str | None = None) -> Artifacts
     artifacts = Artifacts(root, manifest, parts, catalog, item_ids, item_vectors, user_ids, user_vectors,
                           modality_parts, index)
     artifacts.titles = catalog["title"].astype(str).to_numpy(object)
+    if "withdrawn" in catalog:  # an export that took in the serving journal
+        artifacts.withdrawn = frozenset(np.flatnonzero(catalog["withdrawn"].to_numpy(bool)).tolist())
     artifacts.item_row = {int(i): r for r, i in enumerate(item_ids)}
     artifacts.user_row = {int(u): r for r, u in enumerate(user_ids)}
     artifacts.history_offsets = {int(u): (int(offsets[r]), int(offsets[r + 1]))
