@@ -32,11 +32,10 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     writes = "enabled" if tokens.write else "disabled (no write token configured)"
     reads = "need the read token" if tokens.read else "open"
-    print(f"serving {service.describe()} on http://{cfg.host}:{cfg.port} (docs at /docs); writes {writes}, "
-          f"reads {reads}", flush=True)
-    uvicorn.run(create_app(service, cfg.max_body_bytes, tokens), host=cfg.host, port=cfg.port,
-                log_level=cfg.log_level)
-
+    print(f"serving {service.describe()} on http://{cfg.host}:{cfg.port}: the shopping guide at /, docs at "
+          f"/docs; writes {writes}, reads {reads}", flush=True)
+    app = create_app(service, cfg.max_body_bytes, tokens, cfg.image_root)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
 
 if __name__ == "__main__":
     main()

@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from multimodal_rec.embeddings import EmbeddingsError
 from multimodal_rec.serving.auth import Tokens, read_guard, write_guard
 from multimodal_rec.serving.errors import RequestError
+from multimodal_rec.serving.page import add_page
 from multimodal_rec.serving.schemas import (
     MAX_ID,
     MAX_K,
@@ -75,8 +76,9 @@ class _TooLarge(Exception):
 
 
 def create_app(service: RecommenderService, max_body_bytes: int = 10 * 1024 * 1024,
-               tokens: Tokens | None = None) -> FastAPI:
-    """tokens: none configured means writes answer 403 (saying how to enable them) and reads are open."""
+               tokens: Tokens | None = None, image_root: str | None = None) -> FastAPI:
+    """tokens: none configured means writes answer 403 (saying how to enable them) and reads are open.
+    image_root: where catalogue pictures are read from (default: the data folder the export names)."""
     app = FastAPI(title="multimodal_rec", description="Multimodal recommendations with reasons", version="1")
     tokens = tokens or Tokens()
     # the schema (/docs, clients, fuzzers) shows a bearer requirement on reads only where one is in force
@@ -168,6 +170,7 @@ def create_app(service: RecommenderService, max_body_bytes: int = 10 * 1024 * 10
     def metrics():
         return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    add_page(app, service, reads, errors, image_root)
     if max_body_bytes:
         app.add_middleware(BodyLimit, max_bytes=max_body_bytes)  # outermost: before anything reads the body
     return app

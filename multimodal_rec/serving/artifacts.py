@@ -55,6 +55,7 @@ class Artifacts:
     history_offsets: dict = field(default_factory=dict)  # external user id -> (lo, hi) in parts histories
     lock: threading.Lock = field(default_factory=threading.Lock)  # guards the index and arrays on writes
     withdrawn: frozenset = frozenset()  # rows of items withdrawn through the API: never recommended
+    uploaded_images: dict = field(default_factory=dict)  # item id -> base64 image of items added through the API
 
     @property
     def dim(self) -> int:

@@ -14,6 +14,7 @@ import torch
 from multimodal_rec.data.features import standardised_rank
 from multimodal_rec.models.components.scoring import retrieval_vectors
 from multimodal_rec.serving.artifacts import Artifacts
+from multimodal_rec.serving.catalog_api import attributes_of
 from multimodal_rec.serving.errors import RequestError
 from multimodal_rec.serving.filters import filter_mask
 
@@ -248,8 +249,8 @@ def _exact_cosine(artifacts: Artifacts, row: int, k: int, excluded: set) -> tupl
 
 
 def _answer(artifacts: Artifacts, query: Query, rows: np.ndarray, scores: np.ndarray, retrieval: np.ndarray) -> dict:
-    explained = reasons(artifacts, query, rows)
+    explained, attributes = reasons(artifacts, query, rows), attributes_of(artifacts, rows)
     items = [{"item_id": int(artifacts.item_ids[r]), "title": str(artifacts.titles[r]),
-              "score": float(s), "retrieval_score": float(q), "reason": why}
-             for r, s, q, why in zip(rows, scores, retrieval, explained)]
+              "score": float(s), "retrieval_score": float(q), "reason": why, "attributes": attrs}
+             for r, s, q, why, attrs in zip(rows, scores, retrieval, explained, attributes)]
     return {"strategy": query.strategy, "cold_start": query.strategy != "history", "items": items}

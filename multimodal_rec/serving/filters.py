@@ -9,10 +9,10 @@ import pandas as pd
 
 from multimodal_rec.serving.errors import RequestError
 
-RESERVED = {"item_id", "title", "popularity", "cold", "has_image", "has_text", "withdrawn"}
+RESERVED = {"item_id", "title", "popularity", "cold", "has_image", "has_text", "withdrawn", "image"}
 
 
-def _is_multi(column: pd.Series) -> bool:
+def is_multi(column: pd.Series) -> bool:
     sample = column.dropna()
     return len(sample) > 0 and isinstance(sample.iloc[0], (list, tuple, np.ndarray))
 
@@ -36,7 +36,7 @@ def filter_mask(catalog: pd.DataFrame, filters: dict) -> np.ndarray:
                 mask &= values <= float(condition["max"])
             continue
         wanted = {str(v) for v in (condition if isinstance(condition, list) else [condition])}
-        if _is_multi(column):
+        if is_multi(column):
             mask &= np.array([v is not None and bool(wanted & {str(x) for x in v}) for v in column], dtype=bool)
         else:
             mask &= column.astype("string").isin(wanted).fillna(False).to_numpy(bool)

@@ -71,6 +71,7 @@ def _catalog(datamodule, popularity: np.ndarray) -> pd.DataFrame:
     catalog["cold"] = np.isin(np.arange(len(catalog)), datamodule.split.cold_items)
     catalog["has_image"] = datamodule.item_features.has_image[:-1].numpy()
     catalog["has_text"] = datamodule.item_features.has_text[:-1].numpy()
+    catalog["image"] = data.items["image"].astype(object).where(catalog["has_image"], None)  # for GET /items/{id}/image
     return catalog
 
 
@@ -136,6 +137,7 @@ def write_serving_parts(model, datamodule, out: str | Path, manifest: dict) -> N
         "text_tokenizer": data_cfg.get("text_tokenizer", "minilm"),
         "max_text_len": int(data_cfg.get("max_text_len", 64)),
         "image_size": int(datamodule.image_size),
+        "image_root": str(Path(datamodule.item_features.root).resolve()),  # catalogue image paths are relative to it
         "vocabularies": _vocabularies(datamodule),
         "histories": _histories(datamodule),
     }

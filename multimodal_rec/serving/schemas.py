@@ -94,6 +94,7 @@ class ScoredItem(BaseModel):
     score: float
     retrieval_score: float
     reason: Reason
+    attributes: dict[str, Any] = Field(default_factory=dict, description="catalogue attributes, and `cold`")
 
 
 class RecommendResponse(BaseModel):

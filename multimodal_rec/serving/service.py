@@ -174,4 +174,6 @@ def _insert(artifacts: Artifacts, item: dict, vector: np.ndarray, parts: np.ndar
         artifacts.catalog = pd.concat([artifacts.catalog, addition], ignore_index=True)
         artifacts.titles = np.append(artifacts.titles, np.array([title], dtype=object))
         artifacts.item_ids = np.append(artifacts.item_ids, np.int64(item_id))
+        if item.get("image_base64"):
+            artifacts.uploaded_images[item_id] = item["image_base64"]
         artifacts.item_row[item_id] = len(artifacts.item_ids) - 1  # last: readers now see a whole item

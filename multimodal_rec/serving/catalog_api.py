@@ -1,0 +1,121 @@
+"""What a page needs besides rankings: an item's details and picture, a user's history, the catalogue's
+facets (for filters). Pictures come from the dataset the export was made from (`image_root` in model.json,
+or serve.yaml's `image_root`), synthetic items are rendered, items added with an image keep their upload;
+anything else gets a neutral placeholder, never a broken picture."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from multimodal_rec.data.images import ImageLoadError, load_image
+from multimodal_rec.data.synthetic_images import is_synthetic_ref
+from multimodal_rec.serving.artifacts import Artifacts
+from multimodal_rec.serving.errors import RequestError
+from multimodal_rec.serving.filters import RESERVED, is_multi
+
+MAX_FACET_VALUES = 50
+PLACEHOLDER_SVG = (
+    b'<svg xmlns="http://www.w3.org/2000/svg" width="256" height="256" viewBox="0 0 256 256" role="img" '
+    b'aria-label="no picture"><rect width="256" height="256" fill="#eceff1"/><path d="M72 176l40-48 32 36 24-28 '
+    b'40 40z" fill="#b0bec5"/><circle cx="96" cy="92" r="16" fill="#b0bec5"/></svg>')
+
+
+def _plain(value):
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return None if value is pd.NA or value is pd.NaT else value
+
+
+def attribute_columns(catalog: pd.DataFrame) -> list[str]:
+    return [c for c in catalog.columns if c not in RESERVED]
+
+
+def attributes_of(artifacts: Artifacts, rows: np.ndarray) -> list[dict]:
+    """Each row's catalogue attributes (JSON values; missing ones left out) and its cold flag."""
+    catalog = artifacts.catalog
+    columns = attribute_columns(catalog)
+    table = catalog.iloc[rows][[*columns, "cold"]].to_dict("records") if len(rows) else []
+    return [{k: v for k, v in ((k, _plain(v)) for k, v in record.items()) if v is not None and v != []}
+            for record in table]
+
+
+def _row(artifacts: Artifacts, item_id: int) -> int:
+    row = artifacts.item_row.get(item_id)
+    if row is None:
+        raise RequestError(404, f"unknown item id {item_id}", unknown_item_ids=[item_id])
+    return row
+
+
+def item_details(artifacts: Artifacts, item_id: int) -> dict:
+    row = _row(artifacts, item_id)
+    return {"item_id": item_id, "title": str(artifacts.titles[row]), "attributes": attributes_of(artifacts, [row])[0],
+            "has_image": bool(artifacts.catalog["has_image"].iat[row]), "withdrawn": row in artifacts.withdrawn}
+
+
+def user_history(artifacts: Artifacts, user_id: int, limit: int) -> dict:
+    if user_id not in artifacts.user_row:
+        raise RequestError(404, f"unknown user id {user_id}", unknown_user_id=user_id)
+    ids = artifacts.user_history(user_id)[-limit:]
+    rows, _ = artifacts.rows(ids)
+    return {"user_id": user_id, "items": [{"item_id": int(artifacts.item_ids[r]), "title": str(artifacts.titles[r])}
+                                          for r in rows]}
+
+
+def facets(artifacts: Artifacts) -> dict:
+    """Filterable attributes: the most frequent values of each categorical one, the range of each numeric one;
+    and a few known user ids to start from."""
+    catalog, out = artifacts.catalog, {"categorical": {}, "numeric": {}}
+    out["example_user_ids"] = [int(u) for u in artifacts.user_ids[:MAX_FACET_VALUES]]  # for the page's user picker
+    for column in attribute_columns(catalog):
+        values = catalog[column]
+        if is_multi(values):
+            counts = values.dropna().explode().astype(str).value_counts()
+        elif pd.api.types.is_numeric_dtype(values):
+            finite = values.dropna()
+            if len(finite):
+                out["numeric"][column] = {"min": _plain(finite.min()), "max": _plain(finite.max())}
+            continue
+        else:
+            counts = values.dropna().astype(str).value_counts()
+        out["categorical"][column] = counts.index[:MAX_FACET_VALUES].tolist()
+    return out
+
+
+def item_image(artifacts: Artifacts, item_id: int, size: int, image_root: Path | None) -> tuple[bytes, str, str]:
+    """(bytes, media type, etag) of the item's picture at most `size` pixels wide, or the placeholder."""
+    row = _row(artifacts, item_id)
+    uploaded = artifacts.uploaded_images.get(item_id)
+    ref = artifacts.catalog["image"].iat[row] if "image" in artifacts.catalog else None
+    tag = hashlib.sha256(f"{item_id}:{ref}:{size}:{uploaded is not None}".encode()).hexdigest()[:20]
+    picture = None
+    try:
+        if uploaded is not None:
+            with Image.open(io.BytesIO(base64.b64decode(uploaded))) as image:
+                picture = image.convert("RGB")
+        elif isinstance(ref, str) and is_synthetic_ref(ref):
+            picture = load_image(ref, ".", size)
+        elif isinstance(ref, str) and image_root is not None:
+            path = (image_root / ref).resolve()
+            if path.is_relative_to(image_root.resolve()):  # a catalogue ref never leads out of the data folder
+                with Image.open(path) as image:
+                    picture = image.convert("RGB")
+    except (OSError, ValueError, ImageLoadError, Image.DecompressionBombError):
+        picture = None  # a missing or corrupt file: the placeholder, as for items without a picture
+    if picture is None:
+        return PLACEHOLDER_SVG, "image/svg+xml", "placeholder"
+    picture.thumbnail((size, size * 2))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue(), "image/jpeg", tag
