@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from multimodal_rec.config import CONF_DIR
 from multimodal_rec.embeddings import EmbeddingsError
+from multimodal_rec.serving import access_log
 from multimodal_rec.serving.app import create_app
 from multimodal_rec.serving.auth import load_tokens
 from multimodal_rec.serving.service import RecommenderService
@@ -34,6 +35,7 @@ def main(cfg: DictConfig) -> None:
     reads = "need the read token" if tokens.read else "open"
     print(f"serving {service.describe()} on http://{cfg.host}:{cfg.port}: the shopping guide at /, docs at "
           f"/docs; writes {writes}, reads {reads}", flush=True)
+    access_log.install()  # user ids in paths are hashed in the access log
     app = create_app(service, cfg.max_body_bytes, tokens, cfg.image_root)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
 

@@ -136,6 +136,8 @@ class Exporter:
             "data": self.datamodule.name, "counts": {k: int(len(v)) for k, v in self.ids.items()},
             "shards": {k: [done[emb.shard_name(k, n)] for kk, n in plan if kk == k] for k in ("items", "users")},
             "world_size": self.world_size, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            # users removed from the data (python -m multimodal_rec.data.forget) since it was prepared
+            "forgotten_users": int(self.datamodule.dataset.manifest.get("forgotten_users", 0)),
             "seconds": round(time.time() - started, 2),
         }
         emb.write_json_atomic(self.out / emb.MANIFEST_FILE, manifest)

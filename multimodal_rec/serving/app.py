@@ -147,6 +147,11 @@ def create_app(service: RecommenderService, max_body_bytes: int = 10 * 1024 * 10
     def withdraw_item(item_id: int = Path(ge=0, le=MAX_ID)):
         return service.withdraw_item(item_id)
 
+    @app.delete("/users/{user_id}", dependencies=writes, responses=errors(401, 403, 404, 422))
+    def forget_user(user_id: int = Path(ge=0, le=MAX_ID)):
+        """Removes the user's stored history and profile at once (journaled: a restart keeps them gone)."""
+        return service.forget_user(user_id)
+
     @app.post("/admin/reload", dependencies=writes, responses=errors(400, 401, 403, 413, 422))
     def reload(body: ReloadRequest):
         target = service.reload_target(body.artifacts)  # 403 outside the artifacts root, before any read

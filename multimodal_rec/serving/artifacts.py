@@ -56,6 +56,7 @@ class Artifacts:
     lock: threading.Lock = field(default_factory=threading.Lock)  # guards the index and arrays on writes
     withdrawn: frozenset = frozenset()  # rows of items withdrawn through the API: never recommended
     uploaded_images: dict = field(default_factory=dict)  # item id -> base64 image of items added through the API
+    forgotten: frozenset = frozenset()  # user ids forgotten through the API (DELETE /users/{id})
 
     @property
     def dim(self) -> int:

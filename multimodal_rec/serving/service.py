@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from multimodal_rec.serving import engine
+from multimodal_rec.serving.access_log import hashed_id
 from multimodal_rec.serving.artifacts import Artifacts, load_artifacts
 from multimodal_rec.serving.errors import RequestError
 from multimodal_rec.serving.journal import Journal
@@ -71,7 +72,8 @@ class RecommenderService:
     def describe(self) -> dict:
         artifacts = self.artifacts
         return {"artifacts": str(artifacts.root), "items": len(artifacts.item_ids), "users": len(artifacts.user_ids),
-                "withdrawn_items": len(artifacts.withdrawn), "dim": artifacts.dim,
+                "withdrawn_items": len(artifacts.withdrawn), "forgotten_users": len(artifacts.forgotten),
+                "dim": artifacts.dim,
                 "index": artifacts.index.manifest.get("name"),
                 "data_fingerprint": artifacts.manifest["data_fingerprint"],
                 "checkpoint_sha256": artifacts.manifest["checkpoint_sha256"], "loaded_at": self.loaded_at,
@@ -128,6 +130,21 @@ class RecommenderService:
         log.info("withdrew item %d", item_id)
         return {"item_id": item_id, "withdrawn": True, "withdrawn_items": len(artifacts.withdrawn)}
 
+    def forget_user(self, user_id: int) -> dict:
+        """Removes a person's stored history and profile from the running server at once, journaled so that a
+        restart or a reload keeps them gone (`python -m multimodal_rec.data.forget` removes them from the data)."""
+        with self._write_lock:
+            artifacts = self.artifacts
+            if user_id in artifacts.forgotten:
+                return {"forgotten": True, "forgotten_users": len(artifacts.forgotten)}
+            if user_id not in artifacts.user_row:
+                raise RequestError(404, f"unknown user id {user_id}", unknown_user_id=user_id)
+            if self.journal is not None:
+                self.journal.append({"op": "forget_user", "user_id": user_id})
+            _forget(artifacts, user_id)
+        log.info("forgot user %s", hashed_id(user_id))
+        return {"forgotten": True, "forgotten_users": len(artifacts.forgotten)}
+
     def _replay(self, artifacts: Artifacts, encoder: NewItemEncoder) -> None:
         """The journal's additions and withdrawals, applied in order to freshly loaded artifacts; an item the
         artifacts already hold (a later export took it in) is kept as exported."""
@@ -142,6 +159,9 @@ class RecommenderService:
                     encoded = encoder.encode(item.get("text"), item.get("image_base64"), item.get("attributes") or {})
                     _insert(artifacts, item, *encoded)
                     added += 1
+                elif entry["op"] == "forget_user":
+                    if int(entry["user_id"]) in artifacts.user_row:
+                        _forget(artifacts, int(entry["user_id"]))
                 elif entry["op"] == "withdraw":
                     row = artifacts.item_row.get(int(entry["item_id"]))
                     if row is None:
@@ -155,6 +175,20 @@ class RecommenderService:
         if added or withdrawn or skipped:
             log.info("journal %s replayed: %d items added, %d withdrawn, %d already exported", self.journal.path,
                      added, withdrawn, skipped)
+
+
+def _forget(artifacts: Artifacts, user_id: int) -> None:
+    """The user's row, history, profile codes and exported vector, overwritten and unreachable."""
+    with artifacts.lock:
+        row = artifacts.user_row.pop(user_id)
+        lo, hi = artifacts.history_offsets.pop(user_id)
+        artifacts.parts["histories"]["items"][lo:hi] = -1
+        profiles = artifacts.parts["user_profiles"]
+        if row < len(profiles.categorical):
+            profiles.categorical[row] = 0
+            profiles.numeric[row] = 0
+        artifacts.user_vectors[row] = 0
+        artifacts.forgotten = artifacts.forgotten | {user_id}
 
 
 def _insert(artifacts: Artifacts, item: dict, vector: np.ndarray, parts: np.ndarray | None) -> None:
