@@ -72,6 +72,7 @@ class Exporter:
         if shard_size < 1 or batch_size < 1:
             raise ValueError("shard_size and batch_size must be positive")
         self.model, self.datamodule, self.out = model, datamodule, Path(out)
+        self.privacy = None
         self.split = datamodule.split
         self.shard_size, self.batch_size, self.dtype = shard_size, batch_size, dtype
         self.rank, self.world_size, self.checkpoint_path = rank, world_size, str(checkpoint_path)
@@ -138,6 +139,7 @@ class Exporter:
             "world_size": self.world_size, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             # users removed from the data (python -m multimodal_rec.data.forget) since it was prepared
             "forgotten_users": int(self.datamodule.dataset.manifest.get("forgotten_users", 0)),
+            "privacy": self.privacy,  # the (epsilon, delta) a privacy=dp run spent; None: trained without
             "seconds": round(time.time() - started, 2),
         }
         emb.write_json_atomic(self.out / emb.MANIFEST_FILE, manifest)
@@ -177,7 +179,7 @@ def export(cfg: DictConfig) -> dict | None:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
     overrides = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else None
     checkpoint = resolve_checkpoint(cfg.ckpt_path)
-    model, datamodule, _ = restore_model(checkpoint, overrides, device)
+    model, datamodule, saved = restore_model(checkpoint, overrides, device)
     manifest_path = Path(cfg.out) / emb.MANIFEST_FILE
     checkpoint_sha = emb.sha256_file(checkpoint)
     if manifest_path.is_file():
@@ -194,6 +196,7 @@ def export(cfg: DictConfig) -> dict | None:
             manifest_path.unlink()  # first, so the folder never looks complete while shards change
     exporter = Exporter(model, datamodule, checkpoint_sha, cfg.out, cfg.shard_size, cfg.batch_size, cfg.dtype,
                         rank, world_size, checkpoint)
+    exporter.privacy = saved["multimodal_rec"].get("privacy")
     manifest = exporter.run()
     return _finish(cfg, model, datamodule, manifest) if manifest is not None else None
 

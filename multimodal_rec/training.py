@@ -24,11 +24,19 @@ def train(cfg: DictConfig) -> dict:
     model = hydra.utils.instantiate(cfg.model)(datamodule=datamodule)
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
     callbacks = [hydra.utils.instantiate(c) for c in cfg.get("callbacks", {}).values()]
+    private = model.privacy is not None
+    if private:  # choosing an epoch by validation would be a selection on user data the guarantee does not cover
+        datamodule.user_level_sampling = True
+        callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.EarlyStopping)]
     loggers = [hydra.utils.instantiate(c) for c in cfg.get("logger", {}).values()]
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    trainer_cfg = OmegaConf.merge(cfg.trainer, {"gradient_clip_val": None} if private else {})  # DP clips per user
+    trainer: pl.Trainer = hydra.utils.instantiate(trainer_cfg, callbacks=callbacks, logger=loggers)
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if private:  # the last weights, trained for the planned steps
+        best = str(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
+        best = best if Path(best).is_file() else ""
     if cfg.get("test"):
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         metrics.update(model.test_metrics)
@@ -40,6 +48,9 @@ def train(cfg: DictConfig) -> dict:
         "data": datamodule.name,
         "data_fingerprint": datamodule.fingerprint,
     }
+    if private:
+        result["privacy"] = model.privacy.report()
+        log.info("privacy: %s", result["privacy"])
     if trainer.is_global_zero:  # under DDP every rank has the same (synced) metrics: one writes them
         write_json_atomic(Path(cfg.paths.output_dir) / "metrics.json", result)
     log.info("metrics: %s", json.dumps(metrics, indent=1))

@@ -49,6 +49,7 @@ class RecDataModule(pl.LightningDataModule):
         self.source = source
         self.max_len, self.cold_item_fraction, self.seed = max_len, cold_item_fraction, seed
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.user_level_sampling = False  # set by training with privacy=dp
         self.text_tokenizer, self.max_text_len, self.image_size = text_tokenizer, max_text_len, image_size
         self.dataset: CanonicalDataset | None = None
         self.split: Split | None = None
@@ -116,6 +117,12 @@ class RecDataModule(pl.LightningDataModule):
         """Shuffled windows; with several processes each rank gets its own shard (`batch_size` per rank),
         reshuffled every epoch (Lightning calls the sampler's `set_epoch`)."""
         rank, world_size = self.rank_and_world_size()
+        if self.user_level_sampling:  # privacy=dp: users Poisson-sampled, one window each
+            if world_size > 1:
+                raise ValueError("privacy=dp trains in one process: the accountant assumes one sampler")
+            from multimodal_rec.data.user_sampling import user_sampled_loader
+
+            return user_sampled_loader(self.train_set, self.batch_size, self.seed)
         if world_size == 1:
             return self._loader(self.train_set, self.batch_size, shuffle=True)
         sampler = DistributedSampler(self.train_set, num_replicas=world_size, rank=rank, shuffle=True,

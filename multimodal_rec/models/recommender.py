@@ -20,6 +20,7 @@ Recommendations", RecSys 2019 (log-Q correction); Covington et al., RecSys 2016 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -36,6 +37,7 @@ from multimodal_rec.models.components.scoring import SCORES, retrieval_vectors
 if TYPE_CHECKING:
     from multimodal_rec.models.encoders_setup import EncoderBundle
 
+log = logging.getLogger(__name__)
 RERANK_OFFSET = 1e4  # puts re-ranked candidates above every retrieval-only score
 # loss=auto: full softmax up to this many items (the item tower runs over the whole catalogue every step),
 # sampled softmax beyond
@@ -49,12 +51,12 @@ class MultimodalRecommender(pl.LightningModule):
                  rerank_top: int = 50, ranker_weight: float = 1.0, ranker_positions: int = 512,
                  encoder_lr_scale: float = 0.1, item_bias: bool = False, loss: str = "auto",
                  full_softmax_max_items: int = FULL_SOFTMAX_MAX_ITEMS, score: str = "cosine",
-                 ks: tuple = (10, 20)):
+                 ks: tuple = (10, 20), privacy: dict | None = None):
         # score defaults to cosine here (conf/model says dot): checkpoints saved before the choice rebuild as they
         # were trained
         super().__init__()
         self.save_hyperparameters(ignore=["bundle", "item_tower", "history_encoder", "ranker", "optimizer",
-                                          "scheduler"])
+                                          "scheduler", "privacy"])
         if loss not in ("auto", "full", "sampled"):
             raise ValueError(f"loss must be auto, full or sampled, got {loss!r}")
         if score not in SCORES:
@@ -83,6 +85,18 @@ class MultimodalRecommender(pl.LightningModule):
         self._all_items: torch.Tensor | None = None
         self._all_biases: torch.Tensor | None = None
         self._negative_generator: torch.Generator | None = None  # set per rank in on_fit_start
+        self.privacy = None  # privacy=dp: DP-SGD (models/privacy.py), planned in on_fit_start
+        if privacy and privacy.get("enabled"):
+            if not self.full_softmax:
+                raise ValueError("privacy=dp needs the full softmax (model.recommender.loss=full): the sampled loss "
+                                 "uses other users' items as negatives, so a user's gradient would depend on others'")
+            if self.ranker is not None or self.bias_head is not None:
+                raise ValueError("privacy=dp trains the retrieval model only: set model.recommender.rerank_top=0 "
+                                 "and item_bias=false")
+            from multimodal_rec.models.privacy import UserLevelPrivacy
+
+            self.privacy = UserLevelPrivacy(**{k: v for k, v in privacy.items() if k != "enabled"})
+            self.automatic_optimization = False
 
     # ---- towers ---------------------------------------------------------------------------------------
     def item_embeddings(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,7 +155,11 @@ class MultimodalRecommender(pl.LightningModule):
         self._negative_generator = torch.Generator(device=self.device)
         self._negative_generator.manual_seed(torch.initial_seed() + self.global_rank)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        if self.privacy is not None:
+            from multimodal_rec.models.privacy import private_step
+
+            return private_step(self, batch, IGNORE_TARGET)
         targets = batch["targets"]  # (B, L)
         valid = targets != IGNORE_TARGET
         positives = targets[valid]  # (P,)
@@ -283,6 +301,12 @@ class MultimodalRecommender(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._end_eval()
 
+    def on_train_epoch_end(self) -> None:
+        if self.privacy is not None:  # the (epsilon, delta) spent so far, by Opacus's accountant
+            self.log("privacy/epsilon", self.privacy.spent(), prog_bar=True)
+            log.info("epoch %d: epsilon spent %.3f of %.2f (delta %.2g, %d steps)", self.current_epoch,
+                     self.privacy.spent(), self.privacy.epsilon, self.privacy.delta, self.privacy.steps)
+
     def on_test_epoch_start(self) -> None:
         self._start_eval(self.test_stages)
 
@@ -301,12 +325,17 @@ class MultimodalRecommender(pl.LightningModule):
             "normalised": self.hparams.score == "cosine",
             "world_size": self._trainer.world_size if self._trainer is not None else 1,
         }
+        if self.privacy is not None and self.privacy.noise_multiplier is not None:
+            checkpoint["multimodal_rec"]["privacy"] = self.privacy.report()
+            checkpoint["privacy_accountant"] = [list(entry) for entry in self.privacy.accountant.history]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("multimodal_rec", {}).get("data_fingerprint")
         if saved is not None and saved != self.data_fingerprint:
             raise ValueError(f"checkpoint was trained on data {saved}, but the data now is {self.data_fingerprint}; "
                              "use the same data and split settings (cold_item_fraction, seed) to resume")
+        if self.privacy is not None and "privacy_accountant" in checkpoint:  # a resumed DP run keeps counting
+            self.privacy.restore(checkpoint["multimodal_rec"]["privacy"], checkpoint["privacy_accountant"])
 
     # ---- optimisation ---------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -318,6 +347,10 @@ class MultimodalRecommender(pl.LightningModule):
             base_lr = self.optimizer_factory.keywords.get("lr", 1e-3)
             groups.append({"params": encoders, "lr": base_lr * self.hparams.encoder_lr_scale})
         optimizer = self.optimizer_factory(params=groups)
+        if self.privacy is not None:
+            datamodule = self.trainer.datamodule
+            self.privacy.plan(len(datamodule.train_set.user_items), datamodule.batch_size, self.trainer.max_epochs)
+            return self.privacy.wrap(optimizer)  # per-user clipping and noise; no scheduler under DP
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer)}}

@@ -77,6 +77,7 @@ class RecommenderService:
                 "index": artifacts.index.manifest.get("name"),
                 "data_fingerprint": artifacts.manifest["data_fingerprint"],
                 "checkpoint_sha256": artifacts.manifest["checkpoint_sha256"], "loaded_at": self.loaded_at,
+                "privacy": artifacts.manifest.get("privacy"),  # (epsilon, delta) spent in training, if DP
                 "journal": str(self.journal.path) if self.journal else None}
 
     # ---- requests -------------------------------------------------------------------------------------
