@@ -172,7 +172,7 @@ class RecommenderService:
                 else:
                     raise KeyError(f"unknown op {entry['op']!r}")
             except (KeyError, TypeError, ValueError) as error:  # RequestError is a ValueError
-                log.warning("journal entry %s skipped: %s", str(entry)[:200], error)
+                log.warning("journal entry (op %s) skipped: %s", entry.get("op"), error)  # no user ids in logs
         if added or withdrawn or skipped:
             log.info("journal %s replayed: %d items added, %d withdrawn, %d already exported", self.journal.path,
                      added, withdrawn, skipped)
