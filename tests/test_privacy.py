@@ -110,3 +110,10 @@ def test_a_run_stops_before_it_would_exceed_its_epsilon(tmp_path):
     resumed = json.loads((tmp_path / "more" / "metrics.json").read_text())["privacy"]
     assert resumed["steps"] == planned["steps"] and resumed["epsilon_spent"] <= 1.5
     assert "would spend more than epsilon" in more.stderr + (tmp_path / "more" / "train.log").read_text()
+    from multimodal_rec.export import export
+    from multimodal_rec.serving.service import RecommenderService
+    from tests.conftest import export_config
+
+    manifest = export(export_config(tmp_path / "first" / "checkpoints" / "last.ckpt", tmp_path / "artifacts"))
+    assert manifest["privacy"]["epsilon_spent"] == planned["epsilon_spent"]
+    assert RecommenderService(tmp_path / "artifacts").describe()["privacy"]["unit"] == "user"  # what /readyz shows
