@@ -117,7 +117,7 @@ def load_artifacts(root: str | Path, index_name: str | None = None) -> Artifacts
         if config.get(key) != manifest[key]:
             raise ArtifactsError(f"the serving parts and the embeddings disagree on {key}: {config.get(key)} vs "
                                  f"{manifest[key]}")
-    parts = load_parts(root)
+    parts = load_parts(root, config)
     item_ids, item_vectors = emb.read_embeddings(root, "items")
     user_ids, user_vectors = emb.read_embeddings(root, "users")
     catalog = pd.read_parquet(root / CATALOG_FILE)

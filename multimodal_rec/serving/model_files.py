@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 
 from multimodal_rec.data.features import UserFeatures
 from multimodal_rec.embeddings import EmbeddingsError, atomic_file
@@ -74,9 +74,10 @@ def save_parts(parts: dict, out: Path) -> None:
     config["content_graph"] = graph
     # clones: safetensors refuses tensors that share memory (views, tied weights)
     tensors = {name: value.detach().cpu().contiguous().clone() for name, value in tensors.items()}
+    data = save(tensors, metadata={"format": FORMAT})  # bytes: hashed here, not read back from disk
     with atomic_file(out / WEIGHTS_FILE) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": FORMAT})
-    config["weights_sha256"] = hashlib.sha256((out / WEIGHTS_FILE).read_bytes()).hexdigest()
+        Path(tmp).write_bytes(data)
+    config["weights_sha256"] = hashlib.sha256(data).hexdigest()
     with atomic_file(out / CONFIG_FILE) as tmp:
         Path(tmp).write_text(json.dumps(config, indent=1, default=_json_default))
 
@@ -108,17 +109,18 @@ def read_config(root: Path) -> dict:
     return config
 
 
-def load_parts(root: Path) -> dict:
-    """The serving parts as write_serving_parts gathered them: modules rebuilt, tables as numpy arrays."""
-    config = read_config(root)
+def load_parts(root: Path, config: dict) -> dict:
+    """The serving parts as write_serving_parts gathered them (config: `read_config(root)`): modules rebuilt,
+    tables as numpy arrays."""
     path = root / WEIGHTS_FILE
     if not path.is_file():
         raise ArtifactsError(f"{root} lacks {WEIGHTS_FILE}; {REEXPORT}")
-    if hashlib.sha256(path.read_bytes()).hexdigest() != config.get("weights_sha256"):
+    data = path.read_bytes()  # once: hashed, then parsed
+    if hashlib.sha256(data).hexdigest() != config.get("weights_sha256"):
         raise ArtifactsError(f"{path} is not the file {CONFIG_FILE} was written with (sha256 differs); {REEXPORT}")
     try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError) as error:
+        tensors = load(data)
+    except SafetensorError as error:
         raise ArtifactsError(f"{path} cannot be read ({error})") from error
     try:
         parts = {k: v for k, v in config.items() if k not in ("modules", "weights_sha256")}
