@@ -66,13 +66,13 @@ class Exporter:
 
     def __init__(self, model, datamodule, checkpoint_sha256: str, out: str | Path, shard_size: int = 50_000,
                  batch_size: int = 1024, dtype: str = "float32", rank: int = 0, world_size: int = 1,
-                 checkpoint_path: str = ""):
+                 checkpoint_path: str = "", privacy: dict | None = None):
         if dtype not in ("float32", "float16"):
             raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
         if shard_size < 1 or batch_size < 1:
             raise ValueError("shard_size and batch_size must be positive")
         self.model, self.datamodule, self.out = model, datamodule, Path(out)
-        self.privacy = None
+        self.privacy = privacy  # what a privacy=dp run spent (the checkpoint's record); None: trained without
         self.split = datamodule.split
         self.shard_size, self.batch_size, self.dtype = shard_size, batch_size, dtype
         self.rank, self.world_size, self.checkpoint_path = rank, world_size, str(checkpoint_path)
@@ -139,7 +139,7 @@ class Exporter:
             "world_size": self.world_size, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             # users removed from the data (python -m multimodal_rec.data.forget) since it was prepared
             "forgotten_users": int(self.datamodule.dataset.manifest.get("forgotten_users", 0)),
-            "privacy": self.privacy,  # the (epsilon, delta) a privacy=dp run spent; None: trained without
+            "privacy": self.privacy,
             "seconds": round(time.time() - started, 2),
         }
         emb.write_json_atomic(self.out / emb.MANIFEST_FILE, manifest)
@@ -195,8 +195,7 @@ def export(cfg: DictConfig) -> dict | None:
         if rank == 0:
             manifest_path.unlink()  # first, so the folder never looks complete while shards change
     exporter = Exporter(model, datamodule, checkpoint_sha, cfg.out, cfg.shard_size, cfg.batch_size, cfg.dtype,
-                        rank, world_size, checkpoint)
-    exporter.privacy = saved["multimodal_rec"].get("privacy")
+                        rank, world_size, checkpoint, saved["multimodal_rec"].get("privacy"))
     manifest = exporter.run()
     return _finish(cfg, model, datamodule, manifest) if manifest is not None else None
 

@@ -43,13 +43,18 @@ class UserLevelPrivacy:
         self.kind = accountant
         self.accountant = create_accountant(accountant)
         self.noise_multiplier = self.sample_rate = None
-        self.steps, self.n_users = 0, 0
+        self.n_users = 0
+
+    @property
+    def steps(self) -> int:
+        """Steps taken so far, as the accountant's history counts them."""
+        return sum(int(entry[-1]) for entry in self.accountant.history)
 
     def restore(self, report: dict, history: list) -> None:
         """A resumed run goes on with the noise it was planned with and the steps it has spent."""
         self.n_users = report["n_users"]
         self.sample_rate, self.noise_multiplier = report["sample_rate"], report["noise_multiplier"]
-        self.delta, self.steps = report["delta"], int(report["steps"])
+        self.delta = report["delta"]
         self.accountant.history = [tuple(entry) for entry in history]
 
     def plan(self, n_users: int, expected_batch: int, epochs: int) -> None:
@@ -83,7 +88,6 @@ class UserLevelPrivacy:
 
     def step(self) -> None:
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
-        self.steps += 1
 
     def report(self) -> dict:
         return {"unit": "user", "epsilon_target": self.epsilon, "epsilon_spent": round(self.spent(), 4),

@@ -85,7 +85,7 @@ class MultimodalRecommender(pl.LightningModule):
         self._all_items: torch.Tensor | None = None
         self._all_biases: torch.Tensor | None = None
         self._negative_generator: torch.Generator | None = None  # set per rank in on_fit_start
-        self.privacy = None  # privacy=dp: DP-SGD (models/privacy.py), planned in on_fit_start
+        self.privacy = None  # privacy=dp: DP-SGD (models/privacy.py), planned in configure_optimizers
         if privacy and privacy.get("enabled"):
             if not self.full_softmax:
                 raise ValueError("privacy=dp needs the full softmax (model.recommender.loss=full): the sampled loss "
@@ -303,9 +303,10 @@ class MultimodalRecommender(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         if self.privacy is not None:  # the (epsilon, delta) spent so far, by Opacus's accountant
-            self.log("privacy/epsilon", self.privacy.spent(), prog_bar=True)
-            log.info("epoch %d: epsilon spent %.3f of %.2f (delta %.2g, %d steps)", self.current_epoch,
-                     self.privacy.spent(), self.privacy.epsilon, self.privacy.delta, self.privacy.steps)
+            spent = self.privacy.spent()
+            self.log("privacy/epsilon", spent, prog_bar=True)
+            log.info("epoch %d: epsilon spent %.3f of %.2f (delta %.2g, %d steps)", self.current_epoch, spent,
+                     self.privacy.epsilon, self.privacy.delta, self.privacy.steps)
 
     def on_test_epoch_start(self) -> None:
         self._start_eval(self.test_stages)
