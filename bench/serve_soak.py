@@ -70,7 +70,8 @@ class Soak:
             text = f"{self.titles[pair % len(self.titles)]} soak {pair}"
             return [("POST", "/items", {"item_id": new_id, "title": f"soak {new_id}", "text": text}, new_id)
                     for new_id in (2 * pair, 2 * pair + 1)]
-        return [("DELETE", f"/items/{rng.choice(self.withdraw_pool)}", None, None)]
+        item = rng.choice(self.withdraw_pool)
+        return [("DELETE", f"/items/{item}", None, item)]
 
     async def client(self, connection: Connection, stop: float, added: dict) -> None:
         while time.perf_counter() < stop:
@@ -93,7 +94,7 @@ class Soak:
                 elif kind == "add":
                     added[subject] = body
                 elif kind == "withdraw":
-                    self.withdrawn.add(int(path.rsplit("/", 1)[1]))
+                    self.withdrawn.add(subject)
 
 
 async def drive(soak: Soak, url: str, clients: int, seconds: float, pid: int, rss: list) -> dict:

@@ -46,7 +46,7 @@ def take_in(out: Path, manifest: dict, journal: str | Path) -> dict:
     exported = int(manifest["counts"]["items"])
     added = slice(exported, None)
     number = len(manifest["shards"]["items"])
-    intake = {"file": str(journal.resolve()), "entries": len(service.journal.entries()),
+    intake = {"file": str(journal.resolve()), "entries": service.replayed_entries,
               "added_items": len(artifacts.item_ids) - exported, "withdrawn_items": len(artifacts.withdrawn),
               "exported_items": exported, "shard": emb.shard_name("items", number)}
     manifest = {**manifest, "counts": dict(manifest["counts"]), "shards": dict(manifest["shards"])}

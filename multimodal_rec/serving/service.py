@@ -33,6 +33,7 @@ class RecommenderService:
         self._state: tuple[Artifacts, NewItemEncoder] | None = None
         self._write_lock = threading.RLock()  # one write at a time: reloads, additions, withdrawals
         self.loaded_at = 0.0
+        self.replayed_entries = 0  # journal entries read by the last load
         self.load(artifacts_dir)
 
     @property
@@ -150,7 +151,9 @@ class RecommenderService:
         """The journal's additions and withdrawals, applied in order to freshly loaded artifacts; an item the
         artifacts already hold (a later export took it in) is kept as exported."""
         added = withdrawn = skipped = 0
-        for entry in self.journal.entries():
+        entries = self.journal.entries()
+        self.replayed_entries = len(entries)
+        for entry in entries:
             try:
                 if entry["op"] == "add":
                     item = entry["item"]
@@ -185,9 +188,8 @@ def _forget(artifacts: Artifacts, user_id: int) -> None:
         lo, hi = artifacts.history_offsets.pop(user_id)
         artifacts.parts["histories"]["items"][lo:hi] = -1
         profiles = artifacts.parts["user_profiles"]
-        if row < len(profiles.categorical):
-            profiles.categorical[row] = 0
-            profiles.numeric[row] = 0
+        profiles.categorical[row] = 0
+        profiles.numeric[row] = 0
         artifacts.user_vectors[row] = 0
         artifacts.forgotten = artifacts.forgotten | {user_id}
 
