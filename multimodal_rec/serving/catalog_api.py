@@ -93,29 +93,43 @@ def facets(artifacts: Artifacts) -> dict:
     return out
 
 
-def item_image(artifacts: Artifacts, item_id: int, size: int, image_root: Path | None) -> tuple[bytes, str, str]:
-    """(bytes, media type, etag) of the item's picture at most `size` pixels wide, or the placeholder."""
+def image_source(artifacts: Artifacts, item_id: int, size: int, image_root: Path | None) -> tuple[str, object, str]:
+    """(kind, source, etag) of the item's picture, found without decoding it, so that a request that already
+    holds the picture (If-None-Match) costs no decoding: kind "upload" (base64), "synthetic" (a ref to
+    render), "file" (a path under `image_root`) or "placeholder"."""
     row = _row(artifacts, item_id)
     uploaded = artifacts.uploaded_images.get(item_id)
     ref = artifacts.catalog["image"].iat[row] if "image" in artifacts.catalog else None
     tag = hashlib.sha256(f"{item_id}:{ref}:{size}:{uploaded is not None}".encode()).hexdigest()[:20]
+    if uploaded is not None:
+        return "upload", uploaded, tag
+    if isinstance(ref, str) and is_synthetic_ref(ref):
+        return "synthetic", ref, tag
+    if isinstance(ref, str) and image_root is not None:
+        path = (image_root / ref).resolve()
+        if path.is_relative_to(image_root.resolve()) and path.is_file():  # a ref never leads out of the data
+            return "file", path, tag
+    return "placeholder", None, "placeholder"
+
+
+def render_image(kind: str, source, size: int) -> tuple[bytes, str]:
+    """(bytes, media type): the picture as a JPEG at most `size` wide, or the placeholder when there is none or
+    it cannot be decoded (a corrupt file is treated as a missing one)."""
     picture = None
     try:
-        if uploaded is not None:
-            with Image.open(io.BytesIO(base64.b64decode(uploaded))) as image:
+        if kind == "upload":
+            with Image.open(io.BytesIO(base64.b64decode(source))) as image:
                 picture = image.convert("RGB")
-        elif isinstance(ref, str) and is_synthetic_ref(ref):
-            picture = load_image(ref, ".", size)
-        elif isinstance(ref, str) and image_root is not None:
-            path = (image_root / ref).resolve()
-            if path.is_relative_to(image_root.resolve()):  # a catalogue ref never leads out of the data folder
-                with Image.open(path) as image:
-                    picture = image.convert("RGB")
+        elif kind == "synthetic":
+            picture = load_image(source, ".", size)
+        elif kind == "file":
+            with Image.open(source) as image:
+                picture = image.convert("RGB")
     except (OSError, ValueError, ImageLoadError, Image.DecompressionBombError):
-        picture = None  # a missing or corrupt file: the placeholder, as for items without a picture
+        picture = None
     if picture is None:
-        return PLACEHOLDER_SVG, "image/svg+xml", "placeholder"
+        return PLACEHOLDER_SVG, "image/svg+xml"
     picture.thumbnail((size, size * 2))
     buffer = io.BytesIO()
     picture.save(buffer, format="JPEG", quality=85)
-    return buffer.getvalue(), "image/jpeg", tag
+    return buffer.getvalue(), "image/jpeg"

@@ -37,11 +37,11 @@ def add_page(app: FastAPI, service: RecommenderService, reads: list, errors, ima
         """The item's picture (JPEG, at most `size` wide), or a neutral SVG placeholder when it has none."""
         artifacts = service.artifacts
         root = image_root or artifacts.parts.get("image_root")
-        body, media_type, tag = catalog_api.item_image(artifacts, item_id, size, FilePath(root) if root else None)
-        etag = f'"{tag}"'
-        headers = {"Cache-Control": IMAGE_CACHE, "ETag": etag}
-        if request.headers.get("if-none-match") == etag:
+        kind, source, tag = catalog_api.image_source(artifacts, item_id, size, FilePath(root) if root else None)
+        headers = {"Cache-Control": IMAGE_CACHE, "ETag": f'"{tag}"'}
+        if request.headers.get("if-none-match") == headers["ETag"]:  # before any decoding
             return Response(status_code=304, headers=headers)
+        body, media_type = catalog_api.render_image(kind, source, size)
         return Response(body, media_type=media_type, headers=headers)
 
     @app.get("/users/{user_id}/history", dependencies=reads, responses=errors(404, 422))
