@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.serve_load import start_server  # noqa: E402
+from bench.server_process import start_server  # noqa: E402
 from tests.browser import screenshots  # noqa: E402
 
 

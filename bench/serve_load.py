@@ -15,11 +15,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,37 +27,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine, markdown_table  # noqa: E402
+from bench.server_process import start_server  # noqa: E402
 from bench.synthetic_catalogue import make_synthetic_artifacts  # noqa: E402
 from multimodal_rec.config import PROJECT_ROOT  # noqa: E402
 from multimodal_rec.embeddings import read_embeddings  # noqa: E402
 from multimodal_rec.training import write_json_atomic  # noqa: E402
-
-
-def start_server(artifacts: Path, index: str | None, log_dir: Path, env: dict | None = None,
-                 extra: tuple = ()) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [sys.executable, str(PROJECT_ROOT / "serve.py"), f"artifacts={artifacts}", f"port={port}",
-               f"hydra.run.dir={log_dir}", "log_level=warning", *extra]
-    if index:
-        command.append(f"index_name={index}")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    with open(log_dir / "server.log", "w") as log:  # the child keeps its own copy of the handle
-        server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"server exited: {(log_dir / 'server.log').read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return server, url
-        except httpx.HTTPError:
-            pass  # not listening yet
-        time.sleep(0.5)
-    server.kill()
-    raise RuntimeError("server did not become ready in 10 minutes")
 
 
 class Connection:

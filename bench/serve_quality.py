@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine, markdown_table  # noqa: E402
-from bench.serve_load import start_server  # noqa: E402
+from bench.server_process import start_server  # noqa: E402
 from multimodal_rec.data.schema import load_dataset  # noqa: E402
 from multimodal_rec.data.sequences import hour_of_day  # noqa: E402
 from multimodal_rec.data.splits import build_split  # noqa: E402

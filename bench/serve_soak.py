@@ -28,7 +28,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine, markdown_table  # noqa: E402
-from bench.serve_load import Connection, start_server  # noqa: E402
+from bench.serve_load import Connection  # noqa: E402
+from bench.server_process import start_server  # noqa: E402
 from multimodal_rec.config import PROJECT_ROOT  # noqa: E402
 from multimodal_rec.embeddings import read_embeddings  # noqa: E402
 from multimodal_rec.training import write_json_atomic  # noqa: E402

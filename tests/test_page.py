@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
-import threading
-import time
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from multimodal_rec.serving.app import create_app
@@ -27,7 +24,7 @@ from tests.browser import (
     screenshots,
     wait_settled,
 )
-from tests.conftest import free_port
+from tests.conftest import serving_in_thread
 
 NO_BROWSER = ("no headless browser: needs Debian's chromium (apt-get install -y chromium; .ci/run installs it) and "
               "the playwright package")
@@ -44,18 +41,8 @@ def service(tiny_artifacts, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(service):
-    port = free_port()
-    app = create_app(service, tokens=Tokens(write="page-token"))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with serving_in_thread(create_app(service, tokens=Tokens(write="page-token"))) as url:
+        yield url
 
 
 def test_item_pictures_with_caching_placeholders_and_404(service):

@@ -5,19 +5,17 @@ from __future__ import annotations
 import base64
 import shutil
 import threading
-import time
 
 import httpx
 import numpy as np
 import pandas as pd
 import pytest
-import uvicorn
 
 from multimodal_rec.serving.app import create_app
 from multimodal_rec.serving.auth import Tokens
 from multimodal_rec.serving.errors import RequestError
 from multimodal_rec.serving.service import RecommenderService
-from tests.conftest import free_port, twin_item
+from tests.conftest import serving_in_thread, twin_item
 
 TOKEN = "test-write-token"
 
@@ -28,20 +26,10 @@ def live(tiny_artifacts, tmp_path_factory):
     folder = tmp_path_factory.mktemp("serve") / "artifacts"
     shutil.copytree(tiny_artifacts, folder)
     service = RecommenderService(folder)
-    port = free_port()
     app = create_app(service, max_body_bytes=1_000_000, tokens=Tokens(write=TOKEN))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert server.started, "server did not start"
     headers = {"Authorization": f"Bearer {TOKEN}"}
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30, headers=headers) as client:
+    with serving_in_thread(app) as url, httpx.Client(base_url=url, timeout=30, headers=headers) as client:
         yield client, service
-    server.should_exit = True
-    thread.join(10)
 
 
 def _ids(answer: dict) -> list[int]:

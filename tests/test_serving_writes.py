@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -19,7 +15,7 @@ from multimodal_rec.serving.app import create_app
 from multimodal_rec.serving.auth import Tokens
 from multimodal_rec.serving.journal import Journal
 from multimodal_rec.serving.service import RecommenderService
-from tests.conftest import PROJECT_ROOT, free_port, twin_item
+from tests.conftest import twin_item
 
 WRITE, READ = "write-token-1", "read-token-2"
 
@@ -141,31 +137,21 @@ def test_a_torn_last_line_is_dropped_with_a_warning_and_the_rest_replayed(root, 
     assert len(lines) == 2 and all(line.endswith("}") for line in lines)  # the next entry is whole
 
 
-def _serve(root: Path, port: int) -> subprocess.Popen:
-    command = [sys.executable, str(PROJECT_ROOT / "serve.py"), f"artifacts={root / 'current'}", f"port={port}",
-               f"hydra.run.dir={root.parent / 'logs'}"]
-    env = {**os.environ, "MMREC_WRITE_TOKEN": WRITE, "OMP_NUM_THREADS": "1"}
-    server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if server.poll() is not None:
-            raise AssertionError(f"serve.py exited: {server.stdout.read()[-3000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return server
-        except httpx.TransportError:
-            time.sleep(0.2)
-    server.kill()
-    raise AssertionError("serve.py did not become ready in 120 s")
+def _serve(root: Path, logs: str) -> tuple:
+    """serve.py as its own process (bench/server_process.py) on `root`/current, with the write token."""
+    from bench.server_process import start_server
+
+    (root.parent / logs).mkdir()
+    return start_server(root / "current", None, root.parent / logs, env={"MMREC_WRITE_TOKEN": WRITE})
 
 
 @pytest.mark.slow
 def test_added_and_withdrawn_items_survive_sigkill(root, tiny_checkpoint):
-    items, port = _items(tiny_checkpoint), free_port()
+    items = _items(tiny_checkpoint)
     headers = {"Authorization": f"Bearer {WRITE}"}
-    server = _serve(root, port)
+    server, url = _serve(root, "first")
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=30) as client:
+        with httpx.Client(base_url=url, headers=headers, timeout=30) as client:
             for new_id, source in ((7_000_001, 10), (7_000_002, 11)):
                 assert client.post("/items", json=twin_item(items, source, new_id)).status_code == 201
             assert client.delete("/items/12").status_code == 200
@@ -173,9 +159,9 @@ def test_added_and_withdrawn_items_survive_sigkill(root, tiny_checkpoint):
         server.send_signal(signal.SIGKILL)  # no shutdown hook runs: only what was fsynced survives
         server.wait(30)
     assert (root / "journal.jsonl").is_file()  # serve.py's default: beside the artifacts, under the root
-    server = _serve(root, port)
+    server, url = _serve(root, "restarted")
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        with httpx.Client(base_url=url, timeout=30) as client:
             for new_id, source in ((7_000_001, 10), (7_000_002, 11)):
                 similar = client.get(f"/items/{source}/similar", params={"k": 5}).json()
                 assert new_id in [item["item_id"] for item in similar["items"]]  # its twin: the nearest item
