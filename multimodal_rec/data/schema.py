@@ -56,6 +56,17 @@ class DataIssues:
         if len(shown) < self.max_examples:
             shown.append(detail)
 
+    def add_many(self, kind: str, count: int, details) -> None:
+        """`count` more of `kind` at once; the first few of `details` (an iterable of strings) kept as examples."""
+        if count <= 0:
+            return
+        self.counts[kind] += count
+        shown = self.examples.setdefault(kind, [])
+        for detail in details:
+            if len(shown) >= self.max_examples:
+                break
+            shown.append(detail)
+
     def report(self) -> str:
         if not self.counts:
             return "no data issues"

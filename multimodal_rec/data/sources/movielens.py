@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 from tqdm.auto import tqdm
 
+from multimodal_rec.data.images import image_problem
 from multimodal_rec.data.schema import DataIssues, DatasetError, RawDataset, sha256_file
 
 N_GENRE_FLAGS = 19
@@ -133,13 +133,9 @@ def _valid_posters(folder: Path, item_ids, issues: DataIssues) -> tuple[dict, st
         if not path.is_file():
             continue
         digest.update(f"{path.name}:{sha256_file(path)}".encode())
-        try:
-            with Image.open(path) as image:
-                image.load()
-                if image.width < 8 or image.height < 8:
-                    raise OSError(f"image too small ({image.width}x{image.height})")
-        except (OSError, ValueError, Image.DecompressionBombError) as error:
-            issues.add("corrupt_image", f"{path.name}: {str(error)[:80]}")
+        problem = image_problem(path)
+        if problem:
+            issues.add("corrupt_image", f"{path.name}: {problem}")
             continue
         found[item_id] = path
     return found, digest.hexdigest()
