@@ -19,8 +19,8 @@ from multimodal_rec.serving.auth import Tokens, read_guard, write_guard
 from multimodal_rec.serving.errors import RequestError
 from multimodal_rec.serving.page import add_page
 from multimodal_rec.serving.schemas import (
-    MAX_ID,
     MAX_K,
+    MAX_SHOP_ID,
     ErrorBody,
     NewItem,
     RankRequest,
@@ -29,6 +29,13 @@ from multimodal_rec.serving.schemas import (
     ReloadRequest,
 )
 from multimodal_rec.serving.service import RecommenderService
+from multimodal_rec.serving.shop_ids import path_id
+
+
+
+def path_id_param():
+    """An id in a path (a new FieldInfo each time: FastAPI binds one to its parameter's name)."""
+    return Path(min_length=1, max_length=MAX_SHOP_ID, description="an int id, or the shop's own id (data=tabular)")
 
 log = logging.getLogger(__name__)
 ERROR_MEANING = {400: "the body is not JSON", 401: "no token sent",
@@ -136,21 +143,21 @@ def create_app(service: RecommenderService, max_body_bytes: int = 10 * 1024 * 10
 
     @app.get("/items/{item_id}/similar", response_model=None, dependencies=reads,
              responses={**ANSWER, **errors(*guarded_reads, 404, 410, 422)})
-    async def similar(item_id: int = Path(ge=0, le=MAX_ID), k: int = Query(10, ge=1, le=MAX_K)):
-        return JSONResponse(service.similar(item_id, k))
+    async def similar(item_id: str = path_id_param(), k: int = Query(10, ge=1, le=MAX_K)):
+        return JSONResponse(service.similar(path_id(service.artifacts.shop_ids, item_id, "item"), k))
 
     @app.post("/items", status_code=201, dependencies=writes, responses=errors(400, 401, 403, 409, 413, 422, 503))
     def add_item(body: NewItem):
         return service.add_item(body.item_id, body.title, body.text, body.image_base64, body.attributes)
 
     @app.delete("/items/{item_id}", dependencies=writes, responses=errors(401, 403, 404, 422))
-    def withdraw_item(item_id: int = Path(ge=0, le=MAX_ID)):
-        return service.withdraw_item(item_id)
+    def withdraw_item(item_id: str = path_id_param()):
+        return service.withdraw_item(path_id(service.artifacts.shop_ids, item_id, "item"))
 
     @app.delete("/users/{user_id}", dependencies=writes, responses=errors(401, 403, 404, 422))
-    def forget_user(user_id: int = Path(ge=0, le=MAX_ID)):
+    def forget_user(user_id: str = path_id_param()):
         """Removes the user's stored history and profile at once (journaled: a restart keeps them gone)."""
-        return service.forget_user(user_id)
+        return service.forget_user(path_id(service.artifacts.shop_ids, user_id, "user"))
 
     @app.post("/admin/reload", dependencies=writes, responses=errors(400, 401, 403, 413, 422))
     def reload(body: ReloadRequest):
@@ -175,7 +182,7 @@ def create_app(service: RecommenderService, max_body_bytes: int = 10 * 1024 * 10
     def metrics():
         return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    add_page(app, service, reads, errors, image_root)
+    add_page(app, service, reads, errors, path_id_param, image_root)
     if max_body_bytes:
         app.add_middleware(BodyLimit, max_bytes=max_body_bytes)  # outermost: before anything reads the body
     return app

@@ -13,7 +13,8 @@ import pandas as pd
 
 from multimodal_rec import embeddings as emb
 from multimodal_rec.serving.model_files import ArtifactsError, load_parts, read_config
-from multimodal_rec.serving.parts import CATALOG_FILE, MODALITY_PARTS_FILE
+from multimodal_rec.serving.parts import CATALOG_FILE, MODALITY_PARTS_FILE, USERS_FILE
+from multimodal_rec.serving.shop_ids import ShopIds
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class Artifacts:
     withdrawn: frozenset = frozenset()  # rows of items withdrawn through the API: never recommended
     uploaded_images: dict = field(default_factory=dict)  # item id -> base64 image of items added through the API
     forgotten: frozenset = frozenset()  # user ids forgotten through the API (DELETE /users/{id})
+    shop_ids: ShopIds | None = None  # the shop's own ids (data=tabular); None: requests use the int ids
 
     @property
     def dim(self) -> int:
@@ -145,6 +147,9 @@ def load_artifacts(root: str | Path, index_name: str | None = None) -> Artifacts
     artifacts.user_row = {int(u): r for r, u in enumerate(user_ids)}
     artifacts.history_offsets = {int(u): (int(offsets[r]), int(offsets[r + 1]))
                                  for r, u in enumerate(histories["user_ids"])}
+    if "source_id" in catalog:
+        users_file = root / USERS_FILE
+        artifacts.shop_ids = ShopIds.from_tables(catalog, pd.read_parquet(users_file) if users_file.is_file() else None)
     log.info("loaded %s: %d items, %d users, index %s", root, len(item_ids), len(user_ids),
              index.manifest.get("name"))
     return artifacts

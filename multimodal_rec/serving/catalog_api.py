@@ -20,6 +20,7 @@ from multimodal_rec.data.synthetic_images import is_synthetic_ref
 from multimodal_rec.serving.artifacts import Artifacts
 from multimodal_rec.serving.errors import RequestError
 from multimodal_rec.serving.filters import RESERVED, is_multi
+from multimodal_rec.serving.shop_ids import id_kind, item_in, item_out, user_in, user_out
 
 MAX_FACET_VALUES = 50
 PLACEHOLDER_SVG = (
@@ -51,33 +52,35 @@ def attributes_of(artifacts: Artifacts, rows: np.ndarray) -> list[dict]:
             for record in table]
 
 
-def _row(artifacts: Artifacts, item_id: int) -> int:
-    row = artifacts.item_row.get(item_id)
+def _row(artifacts: Artifacts, item_id) -> int:
+    """The row of an item named as clients name it (an int id, or the shop's own)."""
+    row = artifacts.item_row.get(item_in(artifacts.shop_ids, item_id))
     if row is None:
         raise RequestError(404, f"unknown item id {item_id}", unknown_item_ids=[item_id])
     return row
 
 
-def item_details(artifacts: Artifacts, item_id: int) -> dict:
+def item_details(artifacts: Artifacts, item_id) -> dict:
     row = _row(artifacts, item_id)
     return {"item_id": item_id, "title": str(artifacts.titles[row]), "attributes": attributes_of(artifacts, [row])[0],
             "has_image": bool(artifacts.catalog["has_image"].iat[row]), "withdrawn": row in artifacts.withdrawn}
 
 
-def user_history(artifacts: Artifacts, user_id: int, limit: int) -> dict:
-    if user_id not in artifacts.user_row:
+def user_history(artifacts: Artifacts, user_id, limit: int) -> dict:
+    canonical = user_in(artifacts.shop_ids, user_id)
+    if canonical not in artifacts.user_row:
         raise RequestError(404, f"unknown user id {user_id}", unknown_user_id=user_id)
-    ids = artifacts.user_history(user_id)[-limit:]
-    rows, _ = artifacts.rows(ids)
-    return {"user_id": user_id, "items": [{"item_id": int(artifacts.item_ids[r]), "title": str(artifacts.titles[r])}
-                                          for r in rows]}
+    rows, _ = artifacts.rows(artifacts.user_history(canonical)[-limit:])
+    return {"user_id": user_id, "items": [{"item_id": item_out(artifacts.shop_ids, artifacts.item_ids[r]),
+                                           "title": str(artifacts.titles[r])} for r in rows]}
 
 
 def facets(artifacts: Artifacts) -> dict:
     """Filterable attributes: the most frequent values of each categorical one, the range of each numeric one;
-    and a few known user ids to start from."""
-    catalog, out = artifacts.catalog, {"categorical": {}, "numeric": {}}
-    out["example_user_ids"] = [int(u) for u in artifacts.user_ids[:MAX_FACET_VALUES]]  # for the page's user picker
+    a few known user ids to start from, and whether ids are ints or the shop's own strings."""
+    catalog, out = artifacts.catalog, {"categorical": {}, "numeric": {}, "id_kind": id_kind(artifacts.shop_ids)}
+    known = [u for u in artifacts.user_ids[: 2 * MAX_FACET_VALUES] if int(u) in artifacts.user_row]
+    out["example_user_ids"] = [user_out(artifacts.shop_ids, u) for u in known[:MAX_FACET_VALUES]]  # the page's picker
     for column in attribute_columns(catalog):
         values = catalog[column]
         if is_multi(values):
@@ -93,12 +96,12 @@ def facets(artifacts: Artifacts) -> dict:
     return out
 
 
-def image_source(artifacts: Artifacts, item_id: int, size: int, image_root: Path | None) -> tuple[str, object, str]:
+def image_source(artifacts: Artifacts, item_id, size: int, image_root: Path | None) -> tuple[str, object, str]:
     """(kind, source, etag) of the item's picture, found without decoding it, so that a request that already
     holds the picture (If-None-Match) costs no decoding: kind "upload" (base64), "synthetic" (a ref to
     render), "file" (a path under `image_root`) or "placeholder"."""
     row = _row(artifacts, item_id)
-    uploaded = artifacts.uploaded_images.get(item_id)
+    uploaded = artifacts.uploaded_images.get(int(artifacts.item_ids[row]))
     ref = artifacts.catalog["image"].iat[row] if "image" in artifacts.catalog else None
     tag = hashlib.sha256(f"{item_id}:{ref}:{size}:{uploaded is not None}".encode()).hexdigest()[:20]
     if uploaded is not None:

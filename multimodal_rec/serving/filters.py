@@ -9,7 +9,7 @@ import pandas as pd
 
 from multimodal_rec.serving.errors import RequestError
 
-RESERVED = {"item_id", "title", "popularity", "cold", "has_image", "has_text", "withdrawn", "image"}
+RESERVED = {"item_id", "source_id", "title", "popularity", "cold", "has_image", "has_text", "withdrawn", "image"}
 
 
 def is_multi(column: pd.Series) -> bool:

@@ -5,20 +5,22 @@ from __future__ import annotations
 
 from pathlib import Path as FilePath
 
-from fastapi import FastAPI, Path, Query, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from multimodal_rec.serving import catalog_api
-from multimodal_rec.serving.schemas import MAX_ID
 from multimodal_rec.serving.service import RecommenderService
+from multimodal_rec.serving.shop_ids import path_id
 
 STATIC = FilePath(__file__).parent / "static"
 IMAGE_CACHE = "public, max-age=86400"
 
 
-def add_page(app: FastAPI, service: RecommenderService, reads: list, errors, image_root: str | None = None) -> None:
-    """`errors(*codes)` documents error answers as the app's other routes do."""
+def add_page(app: FastAPI, service: RecommenderService, reads: list, errors, path_param, image_root: str | None = None
+             ) -> None:
+    """`errors(*codes)` documents error answers as the app's other routes do; `path_param()` makes the app's id in a
+    path (an int, or the shop's own id)."""
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/", include_in_schema=False)
@@ -26,18 +28,20 @@ def add_page(app: FastAPI, service: RecommenderService, reads: list, errors, ima
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
     @app.get("/items/{item_id}", dependencies=reads, responses=errors(404, 422))
-    def item(item_id: int = Path(ge=0, le=MAX_ID)):
+    def item(item_id: str = path_param()):
         """An item's title, catalogue attributes, and whether it has a picture or was withdrawn."""
-        return JSONResponse(catalog_api.item_details(service.artifacts, item_id))
+        artifacts = service.artifacts
+        return JSONResponse(catalog_api.item_details(artifacts, path_id(artifacts.shop_ids, item_id, "item")))
 
     @app.get("/items/{item_id}/image", dependencies=reads, response_class=Response, responses={
         200: {"content": {"image/jpeg": {}, "image/svg+xml": {}}, "description": "the picture, or a placeholder"},
         **errors(404, 422)})
-    def image(request: Request, item_id: int = Path(ge=0, le=MAX_ID), size: int = Query(256, ge=16, le=1024)):
+    def image(request: Request, item_id: str = path_param(), size: int = Query(256, ge=16, le=1024)):
         """The item's picture (JPEG, at most `size` wide), or a neutral SVG placeholder when it has none."""
         artifacts = service.artifacts
         root = image_root or artifacts.parts.get("image_root")
-        kind, source, tag = catalog_api.image_source(artifacts, item_id, size, FilePath(root) if root else None)
+        wanted = path_id(artifacts.shop_ids, item_id, "item")
+        kind, source, tag = catalog_api.image_source(artifacts, wanted, size, FilePath(root) if root else None)
         headers = {"Cache-Control": IMAGE_CACHE, "ETag": f'"{tag}"'}
         if request.headers.get("if-none-match") == headers["ETag"]:  # before any decoding
             return Response(status_code=304, headers=headers)
@@ -45,9 +49,10 @@ def add_page(app: FastAPI, service: RecommenderService, reads: list, errors, ima
         return Response(body, media_type=media_type, headers=headers)
 
     @app.get("/users/{user_id}/history", dependencies=reads, responses=errors(404, 422))
-    def history(user_id: int = Path(ge=0, le=MAX_ID), limit: int = Query(20, ge=1, le=1000)):
+    def history(user_id: str = path_param(), limit: int = Query(20, ge=1, le=1000)):
         """A known user's most recent items, oldest first."""
-        return JSONResponse(catalog_api.user_history(service.artifacts, user_id, limit))
+        artifacts = service.artifacts
+        return JSONResponse(catalog_api.user_history(artifacts, path_id(artifacts.shop_ids, user_id, "user"), limit))
 
     @app.get("/catalog/facets", dependencies=reads, responses=errors())
     def facets():

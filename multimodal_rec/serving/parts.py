@@ -4,7 +4,9 @@
                     each module (item tower, history encoder, ranker, frozen encoders) from this package
   model.safetensors their weights, the user profiles and every known user's history (external item ids);
                     no pickles: model_files.py
-  catalog.parquet   item_id, title, attributes (for filters and answers), training popularity, cold flag
+  catalog.parquet   item_id, title, attributes (for filters and answers), training popularity, cold flag, and
+                    `source_id`: the shop's own id, for data prepared from a shop's files (data=tabular)
+  users.parquet     user_id, source_id: the shop's own user ids (only for such data)
   modality_parts.npy  (N, M, d) float16: each item's per-modality vectors (and content-neighbour part), for
                     the reasons
 
@@ -28,7 +30,7 @@ from multimodal_rec.serving.model_files import save_parts
 
 log = logging.getLogger(__name__)
 
-CATALOG_FILE, MODALITY_PARTS_FILE = "catalog.parquet", "modality_parts.npy"
+CATALOG_FILE, MODALITY_PARTS_FILE, USERS_FILE = "catalog.parquet", "modality_parts.npy", "users.parquet"
 MAX_PARTS_ITEMS = 2_000_000  # beyond this the per-modality vectors would not fit comfortably; reasons omit them
 MAX_GRAPH_VALUES = 400_000_000  # float16 feature values of the warm items kept for new items' content neighbours
 
@@ -64,7 +66,7 @@ def _histories(datamodule) -> dict:
 
 def _catalog(datamodule, popularity: np.ndarray) -> pd.DataFrame:
     data = datamodule.dataset
-    columns = ["item_id", "title"] + [c for kind in ("item_categorical", "item_multi", "item_numeric")
+    columns = ["item_id", *(["source_id"] if "source_id" in data.items else []), "title"] + [c for kind in ("item_categorical", "item_multi", "item_numeric")
                                       for c in data.attributes(kind)]
     catalog = data.items[columns].copy()
     catalog["popularity"] = popularity.astype(np.int64)
@@ -144,6 +146,12 @@ def write_serving_parts(model, datamodule, out: str | Path, manifest: dict) -> N
     save_parts(parts, out)
     with atomic_file(out / CATALOG_FILE) as tmp:
         _catalog(datamodule, popularity).to_parquet(tmp, index=False)
+    users = datamodule.dataset.users
+    if "source_id" in users:  # the shop's own user ids, which requests name
+        with atomic_file(out / USERS_FILE) as tmp:
+            users[["user_id", "source_id"]].to_parquet(tmp, index=False)
+    else:
+        (out / USERS_FILE).unlink(missing_ok=True)
     vectors = modality_parts(model)
     if vectors is not None:
         with atomic_file(out / MODALITY_PARTS_FILE) as tmp, open(tmp, "wb") as handle:

@@ -13,7 +13,9 @@ MAX_HISTORY = 1000
 MAX_K = 1000
 MAX_RANK_ITEMS = 1000
 MAX_ID = 2**63 - 1  # ids are int64 in the index and the tables
-Id = Annotated[int, Field(ge=0, le=MAX_ID)]
+MAX_SHOP_ID = 200
+# an int id, or the shop's own id for catalogues prepared from a shop's files (serving/shop_ids.py)
+Id = Annotated[int, Field(ge=0, le=MAX_ID)] | Annotated[str, Field(min_length=1, max_length=MAX_SHOP_ID)]
 
 
 class Range(BaseModel):
@@ -81,7 +83,7 @@ class ReloadRequest(BaseModel):
 class Reason(BaseModel):
     kind: str
     text: str
-    because_of: int | None = None
+    because_of: int | str | None = None
     because_of_title: str | None = None
     similarity: float | None = None
     modality: str | None = None
@@ -89,7 +91,7 @@ class Reason(BaseModel):
 
 
 class ScoredItem(BaseModel):
-    item_id: int
+    item_id: int | str
     title: str
     score: float
     retrieval_score: float
@@ -101,7 +103,7 @@ class RecommendResponse(BaseModel):
     strategy: str = Field(..., description="history | profile | popularity")
     cold_start: bool
     items: list[ScoredItem]
-    withdrawn_item_ids: list[int] | None = Field(None, description="/rank: candidates left out, withdrawn")
+    withdrawn_item_ids: list[int | str] | None = Field(None, description="/rank: candidates left out, withdrawn")
 
 
 class ErrorBody(BaseModel):

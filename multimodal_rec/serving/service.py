@@ -15,8 +15,10 @@ from multimodal_rec.serving import engine
 from multimodal_rec.serving.access_log import hashed_id
 from multimodal_rec.serving.artifacts import Artifacts, load_artifacts
 from multimodal_rec.serving.errors import RequestError
+from multimodal_rec.serving.filters import RESERVED
 from multimodal_rec.serving.journal import Journal
 from multimodal_rec.serving.new_items import NewItemEncoder
+from multimodal_rec.serving.shop_ids import answer_out, item_in, items_in, user_in
 
 log = logging.getLogger(__name__)
 
@@ -81,69 +83,94 @@ class RecommenderService:
                 "privacy": artifacts.manifest.get("privacy"),  # (epsilon, delta) spent in training, if DP
                 "journal": str(self.journal.path) if self.journal else None}
 
-    # ---- requests -------------------------------------------------------------------------------------
+    # ---- requests: ids as the client sends them (the shop's own, see shop_ids.py), answers alike --------
+    def _query(self, artifacts: Artifacts, user_id, history, profile, hour) -> engine.Query:
+        ids = artifacts.shop_ids
+        rows = items_in(ids, history, "unknown item ids in history") if history else history
+        return engine.build_query(artifacts, self.known_user(artifacts, user_id), rows, profile, hour)
+
+    @staticmethod
+    def known_user(artifacts: Artifacts, user_id):
+        """The canonical id of a user the artifacts hold (404 naming the id as sent otherwise)."""
+        canonical = user_in(artifacts.shop_ids, user_id)
+        if canonical is not None and canonical not in artifacts.user_row:
+            raise RequestError(404, f"unknown user id {user_id!r}", unknown_user_id=user_id)
+        return canonical
+
     def recommend(self, user_id, history, profile, hour, k, filters, exclude_seen) -> dict:
         artifacts = self.artifacts
-        query = engine.build_query(artifacts, user_id, history, profile, hour)
-        return engine.recommend(artifacts, query, k, filters, exclude_seen)
+        query = self._query(artifacts, user_id, history, profile, hour)
+        return answer_out(artifacts.shop_ids, engine.recommend(artifacts, query, k, filters, exclude_seen))
 
     def rank(self, user_id, history, profile, hour, items) -> dict:
         artifacts = self.artifacts
-        query = engine.build_query(artifacts, user_id, history, profile, hour)
-        return engine.rank(artifacts, query, items)
+        query = self._query(artifacts, user_id, history, profile, hour)
+        return answer_out(artifacts.shop_ids, engine.rank(artifacts, query, items_in(artifacts.shop_ids, items)))
 
-    def similar(self, item_id: int, k: int) -> dict:
-        return engine.similar(self.artifacts, item_id, k)
+    def similar(self, item_id, k: int) -> dict:
+        artifacts = self.artifacts
+        canonical = item_in(artifacts.shop_ids, item_id)
+        row = artifacts.item_row.get(canonical)
+        if row is not None and row in artifacts.withdrawn:
+            raise RequestError(410, f"item {item_id} was withdrawn", withdrawn_item_ids=[item_id])
+        return answer_out(artifacts.shop_ids, engine.similar(artifacts, canonical, k))
 
-    def add_item(self, item_id: int, title: str, text: str | None, image_base64: str | None,
-                 attributes: dict) -> dict:
+    @staticmethod
+    def _exists(artifacts: Artifacts, item_id) -> bool:
+        ids = artifacts.shop_ids
+        return (str(item_id) in ids.item_canonical) if ids is not None else item_id in artifacts.item_row
+
+    def add_item(self, item_id, title: str, text: str | None, image_base64: str | None, attributes: dict) -> dict:
         """Encodes a new item with the item tower, journals it and makes it recommendable at once."""
         item = {"item_id": item_id, "title": title, "text": text, "image_base64": image_base64,
                 "attributes": attributes}
         for _ in range(3):
             artifacts, encoder = self._state
-            if item_id in artifacts.item_row:
+            if artifacts.shop_ids is None and isinstance(item_id, str):
+                raise RequestError(422, f"item ids of this catalogue are integers, got {item_id!r}")
+            if self._exists(artifacts, item_id):
                 raise RequestError(409, f"item {item_id} already exists", item_id=item_id)
             # the slow part, outside the write lock (withdrawals do not wait for it); a bad image is a 422
             encoded = encoder.encode(text, image_base64, attributes)
             with self._write_lock:
                 if self._state[0] is not artifacts:
                     continue  # reloaded meanwhile: encode again with the model now in service
-                if item_id in artifacts.item_row:
+                if self._exists(artifacts, item_id):
                     raise RequestError(409, f"item {item_id} already exists", item_id=item_id)
                 if self.journal is not None:
                     self.journal.append({"op": "add", "item": item})
                 _insert(artifacts, item, *encoded)
-            log.info("added item %d", item_id)
+            log.info("added item %s", item_id)
             return {"item_id": item_id, "indexed": True, "items": len(artifacts.item_ids)}
         raise RequestError(503, "the artifacts were reloaded three times while the item was encoded; send it again")
 
-    def withdraw_item(self, item_id: int) -> dict:
+    def withdraw_item(self, item_id) -> dict:
         """The item is no longer recommended (nor ranked, nor similar to anything); histories may still name it."""
         with self._write_lock:
             artifacts = self.artifacts
-            row = artifacts.item_row.get(item_id)
+            row = artifacts.item_row.get(item_in(artifacts.shop_ids, item_id))
             if row is None:
                 raise RequestError(404, f"unknown item id {item_id}", unknown_item_ids=[item_id])
             if row not in artifacts.withdrawn:
                 if self.journal is not None:
                     self.journal.append({"op": "withdraw", "item_id": item_id})
                 artifacts.withdrawn = artifacts.withdrawn | {row}  # a new set: readers see the old or the new
-        log.info("withdrew item %d", item_id)
+        log.info("withdrew item %s", item_id)
         return {"item_id": item_id, "withdrawn": True, "withdrawn_items": len(artifacts.withdrawn)}
 
-    def forget_user(self, user_id: int) -> dict:
+    def forget_user(self, user_id) -> dict:
         """Removes a person's stored history and profile from the running server at once, journaled so that a
         restart or a reload keeps them gone (`python -m multimodal_rec.data.forget` removes them from the data)."""
         with self._write_lock:
             artifacts = self.artifacts
-            if user_id in artifacts.forgotten:
+            canonical = user_in(artifacts.shop_ids, user_id)
+            if canonical in artifacts.forgotten:
                 return {"forgotten": True, "forgotten_users": len(artifacts.forgotten)}
-            if user_id not in artifacts.user_row:
+            if canonical not in artifacts.user_row:
                 raise RequestError(404, f"unknown user id {user_id}", unknown_user_id=user_id)
             if self.journal is not None:
                 self.journal.append({"op": "forget_user", "user_id": user_id})
-            _forget(artifacts, user_id)
+            _forget(artifacts, canonical)
         log.info("forgot user %s", hashed_id(user_id))
         return {"forgotten": True, "forgotten_users": len(artifacts.forgotten)}
 
@@ -157,17 +184,18 @@ class RecommenderService:
             try:
                 if entry["op"] == "add":
                     item = entry["item"]
-                    if int(item["item_id"]) in artifacts.item_row:
+                    if self._exists(artifacts, item["item_id"]):
                         skipped += 1
                         continue
                     encoded = encoder.encode(item.get("text"), item.get("image_base64"), item.get("attributes") or {})
                     _insert(artifacts, item, *encoded)
                     added += 1
                 elif entry["op"] == "forget_user":
-                    if int(entry["user_id"]) in artifacts.user_row:
-                        _forget(artifacts, int(entry["user_id"]))
+                    canonical = user_in(artifacts.shop_ids, entry["user_id"])
+                    if canonical in artifacts.user_row:
+                        _forget(artifacts, canonical)
                 elif entry["op"] == "withdraw":
-                    row = artifacts.item_row.get(int(entry["item_id"]))
+                    row = artifacts.item_row.get(item_in(artifacts.shop_ids, entry["item_id"]))
                     if row is None:
                         raise KeyError(f"item {entry['item_id']} is not in these artifacts")
                     artifacts.withdrawn = artifacts.withdrawn | {row}
@@ -195,11 +223,15 @@ def _forget(artifacts: Artifacts, user_id: int) -> None:
 
 
 def _insert(artifacts: Artifacts, item: dict, vector: np.ndarray, parts: np.ndarray | None) -> None:
-    """Makes an encoded item searchable; the caller holds the service's write lock."""
-    item_id, title, attributes = int(item["item_id"]), str(item["title"]), item.get("attributes") or {}
+    """Makes an encoded item searchable; the caller holds the service's write lock. A shop id gets the next
+    canonical id (the journal replays additions in order, so a restart gives the same)."""
+    ids, title, attributes = artifacts.shop_ids, str(item["title"]), item.get("attributes") or {}
+    item_id = int(item["item_id"]) if ids is None else int(artifacts.item_ids.max(initial=0)) + 1
     row = {"item_id": item_id, "title": title, "popularity": 0, "cold": True,
            "has_image": item.get("image_base64") is not None, "has_text": bool((item.get("text") or "").strip())}
-    row.update({k: v for k, v in attributes.items() if k in artifacts.catalog.columns})
+    if ids is not None:
+        row["source_id"] = str(item["item_id"])
+    row.update({k: v for k, v in attributes.items() if k in artifacts.catalog.columns and k not in RESERVED})
     with artifacts.lock:
         artifacts.index.add(np.array([item_id], dtype=np.int64), vector[None])
         artifacts.item_vectors = np.vstack([artifacts.item_vectors, vector[None]])
@@ -213,4 +245,7 @@ def _insert(artifacts: Artifacts, item: dict, vector: np.ndarray, parts: np.ndar
         artifacts.item_ids = np.append(artifacts.item_ids, np.int64(item_id))
         if item.get("image_base64"):
             artifacts.uploaded_images[item_id] = item["image_base64"]
-        artifacts.item_row[item_id] = len(artifacts.item_ids) - 1  # last: readers now see a whole item
+        artifacts.item_row[item_id] = len(artifacts.item_ids) - 1  # readers now see a whole item
+        if ids is not None:
+            ids.item_source[item_id] = row["source_id"]
+            ids.item_canonical[row["source_id"]] = item_id

@@ -3,7 +3,7 @@
 "use strict";
 
 const K = 12;
-const state = { userId: null, before: [], session: [], titles: new Map(), facets: null, busy: 0 };
+const state = { userId: null, before: [], session: [], titles: new Map(), facets: null, busy: 0, asked: 0 };
 const $ = (id) => document.getElementById(id);
 
 function el(tag, props = {}, ...children) {
@@ -38,7 +38,7 @@ async function api(method, path, body) {
 }
 
 const image = (id, title, size = 256) =>
-  el("img", { src: `/items/${id}/image?size=${size}`, alt: title || `item ${id}`, loading: "lazy" });
+  el("img", { src: `/items/${encodeURIComponent(id)}/image?size=${size}`, alt: title || `item ${id}`, loading: "lazy" });
 
 function describe(attributes) {
   return Object.entries(attributes || {})
@@ -116,15 +116,18 @@ async function refresh() {
   if (state.userId != null) body.user_id = state.userId;
   if (state.session.length) body.history = state.session;
   state.busy += 1;
+  document.body.dataset.busy = String(state.busy);
+  const asked = ++state.asked;  // answers can arrive out of order: only the latest request's is shown
   try {
     const answer = await api("POST", "/recommend", body);
+    if (asked !== state.asked) return;
     showError("");
     $("recommendations").hidden = false;
     $("strategy").textContent = answer.strategy === "history" ? "" : `(${answer.strategy}: no history yet)`;
     const cards = answer.items.map((item) => card(item));
     $("grid").replaceChildren(...(cards.length ? cards : [el("p", { class: "muted" }, "Nothing matches these filters.")]));
   } catch (error) {
-    showError(`Could not get recommendations: ${error.message}`);
+    if (asked === state.asked) showError(`Could not get recommendations: ${error.message}`);
   } finally {
     state.busy -= 1;
     document.body.dataset.busy = String(state.busy);
@@ -148,7 +151,7 @@ async function start(userId) {
   state.session = [];
   state.before = [];
   if (userId != null) {
-    const history = await api("GET", `/users/${userId}/history?limit=10`);
+    const history = await api("GET", `/users/${encodeURIComponent(userId)}/history?limit=10`);
     for (const item of history.items) state.titles.set(item.item_id, item.title);
     state.before = history.items.map((item) => item.item_id);
   }
@@ -160,7 +163,8 @@ async function start(userId) {
 
 async function openDetail(id) {
   try {
-    const [item, similar] = await Promise.all([api("GET", `/items/${id}`), api("GET", `/items/${id}/similar?k=8`)]);
+    const [item, similar] = await Promise.all([api("GET", `/items/${encodeURIComponent(id)}`),
+                                            api("GET", `/items/${encodeURIComponent(id)}/similar?k=8`)]);
     $("detail-title").textContent = item.title;
     $("detail-body").replaceChildren(image(id, item.title, 400),
       el("div", {}, el("p", {}, describe(item.attributes)),
@@ -201,8 +205,11 @@ async function init() {
   $("user-form").addEventListener("submit", (event) => {
     event.preventDefault();
     const value = $("user-id").value.trim();
-    if (!/^\d+$/.test(value)) return showError("A user id is a whole number.");
-    start(Number(value)).catch((error) => showError(`Could not open user ${value}: ${error.message}`));
+    // a catalogue prepared from a shop's files names users by the shop's own (string) ids
+    const shopIds = state.facets && state.facets.id_kind === "string";
+    if (!value) return showError("Enter a user id.");
+    if (!shopIds && !/^\d+$/.test(value)) return showError("A user id is a whole number.");
+    start(shopIds ? value : Number(value)).catch((error) => showError(`Could not open user ${value}: ${error.message}`));
   });
   $("anonymous").addEventListener("click", () => start(null).catch((error) => showError(error.message)));
   $("clear").addEventListener("click", () => { state.session = []; renderSession(); refresh(); });
