@@ -28,21 +28,6 @@ def load_image(ref: str, root: str | Path, size: int) -> Image.Image:
         raise ImageLoadError(f"cannot load image {path}: {error}") from error
 
 
-def image_problem(path: str | Path, min_side: int = 8) -> str | None:
-    """Why the image file at `path` cannot be used (missing, corrupt, too small), or None when it decodes."""
-    path = Path(path)
-    if not path.is_file():
-        return "file not found"
-    try:
-        with Image.open(path) as image:
-            image.load()
-            if image.width < min_side or image.height < min_side:
-                return f"image too small ({image.width}x{image.height})"
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        return str(error)[:80] or type(error).__name__
-    return None
-
-
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """(3, H, W) uint8: encoders normalise themselves."""
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)

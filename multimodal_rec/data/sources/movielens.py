@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from multimodal_rec.data.images import image_problem
+from multimodal_rec.data.image_check import image_problem
 from multimodal_rec.data.schema import DataIssues, DatasetError, RawDataset, sha256_file
 
 N_GENRE_FLAGS = 19

@@ -25,7 +25,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from multimodal_rec.data.images import image_problem
+from multimodal_rec.data.image_check import image_problem
 from multimodal_rec.data.schema import DataIssues, DatasetError, RawDataset, sha256_file
 from multimodal_rec.data.sources.interaction_filters import k_core_filter, merge_repeats
 from multimodal_rec.data.sources.table_files import LINE, read_chunks, resolve_path
@@ -167,8 +167,8 @@ class _EventReader:
                                  chunk_rows, "interactions"):
             self.parts.append(self._chunk(chunk.rename(columns={self.columns[r]: r for r in roles}), path.name))
         empty = pd.DataFrame({c: pd.Series(dtype=t) for c, t in
-                              [("user", "int64"), ("item", "int64"), ("timestamp", "int64"), ("value", "float32"),
-                               ("event", "int16"), (LINE, "int64")]})
+                              [("user", "int32"), ("item", "int32"), ("timestamp", "int64"), ("value", "float32"),
+                               ("event", "int16"), (LINE, "int32")]})
         return (pd.concat(self.parts, ignore_index=True) if self.parts else empty), path
 
     def _bad(self, frame: pd.DataFrame, mask, kind: str, name: str, detail) -> pd.DataFrame:
@@ -207,10 +207,11 @@ class _EventReader:
             keep &= ~low
         for name_ in pd.unique(event):
             self.events.setdefault(name_, len(self.events))
-        return pd.DataFrame({"user": chunk["user"].astype(np.int64), "item": chunk["item"].astype(np.int64),
+        # 26 bytes an event: what stays in memory while the rest of the file is read
+        return pd.DataFrame({"user": chunk["user"].astype(np.int32), "item": chunk["item"].astype(np.int32),
                              "timestamp": np.floor(chunk["seconds"].to_numpy(float)).astype(np.int64),
                              "value": value.astype(np.float32), "event": event.map(self.events).astype(np.int16),
-                             LINE: chunk[LINE].astype(np.int64)}).loc[keep.to_numpy(bool)]
+                             LINE: chunk[LINE].astype(np.int32)}).loc[keep.to_numpy(bool)]
 
     def _user_rows(self, chunk: pd.DataFrame, name: str) -> pd.DataFrame:
         rows = chunk["user_key"].map(self.user_rows)
