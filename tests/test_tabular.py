@@ -227,3 +227,23 @@ def test_issues_keep_a_few_examples_and_the_full_count():
     issues = DataIssues(max_examples=2)
     issues.add_many("x", 5, (f"line {i}" for i in range(5)))
     assert issues.counts["x"] == 5 and issues.examples["x"] == ["line 0", "line 1"]
+
+
+def test_amazon_2018_layout(tmp_path):
+    meta = [{"asin": "B001", "title": "Serum", "description": ["Light.", "Daily."], "feature": ["30 ml"],
+             "category": ["Beauty", "Skin Care"], "brand": "Acme", "main_cat": "All Beauty", "price": "$12.99"},
+            {"asin": "B002", "title": "Cream", "description": [], "category": [], "brand": "", "price": ""}]
+    reviews = [{"reviewerID": "A1", "asin": "B001", "overall": 5.0, "unixReviewTime": 1500000000},
+               {"reviewerID": "A1", "asin": "B002", "overall": 3.0, "unixReviewTime": 1500000100},
+               {"reviewerID": "A2", "asin": "B002", "overall": 4.0, "unixReviewTime": 1500000200}]
+    for name, records in (("meta_Beauty.json.gz", meta), ("Beauty.json.gz", reviews)):
+        with gzip.open(tmp_path / name, "wt") as handle:
+            handle.writelines(json.dumps(r) + "\n" for r in records)
+    data = _prepared(source_config("amazon2018", f"data.source.folder={tmp_path}", "data.source.category=Beauty"),
+                     tmp_path / "out")
+    items = data.items.set_index("source_id")
+    assert items.loc["B001", "price"] == 12.99 and np.isnan(items.loc["B002", "price"])
+    assert list(items.loc["B001", "category"]) == ["Beauty", "Skin Care"] and items.loc["B001", "brand"] == "Acme"
+    assert items.loc["B001", "text"] == "Serum. 30 ml. Light. Daily."
+    assert list(data.interactions["value"]) == [5.0, 3.0, 4.0] and data.manifest["source"] == "amazon2018_Beauty"
+    assert data.manifest["issues"]["counts"] == {"no_image_folder": 1}  # no pictures at all: said once

@@ -229,6 +229,9 @@ def _image_files(items: pd.DataFrame, root: Path | None, name: str, issues: Data
     refs = items.loc[items["image"].notna(), ["item_id", "image", LINE]]
     if len(refs) and root is None:
         raise DatasetError("items name images but `image_root` is not set: the folder the image paths are under")
+    if len(refs) and not root.is_dir():  # e.g. Amazon metadata without the pictures: one report, not one per item
+        issues.add("no_image_folder", f"{root} does not exist: {len(refs)} items have no picture")
+        return found, digest.hexdigest()
     for item_id, ref, line in tqdm(refs.itertuples(index=False), total=len(refs), desc="checking images",
                                    unit=" images", mininterval=1, disable=None):
         path = (root / ref).resolve()
