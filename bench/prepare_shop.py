@@ -96,7 +96,8 @@ def main() -> None:
             out = work / f"prepared{attempt}"
             seconds, rss = measured(["multimodal_rec.data.prepare", "data=tabular", "data.name=bench_shop",
                                      f"data.source.folder={work / 'shop'}", "data.source.users=null",
-                                     "data.source.items.columns.image=null", f"data.source.chunk_rows={args.chunk_rows}",
+                                     "data.source.items.columns.image=null",
+                                     f"data.source.chunk_rows={args.chunk_rows}",
                                      f"out={out}"])
             manifest = json.loads((out / "manifest.json").read_text())
             fingerprints.append(manifest["fingerprint"])
@@ -106,7 +107,8 @@ def main() -> None:
         print(f"\n{machine()}; {sizes['events']:,} events ({sizes['events MB']:.0f} MB CSV), "
               f"{sizes['products']:,} products ({sizes['products MB']:.0f} MB), chunk_rows {args.chunk_rows:,}")
         print(markdown_table(rows, ("s", "x read_csv", "peak RSS MiB"), first="step"))
-        print(f"\nprepared: {manifest['counts']}; filtered: {manifest['filtered']}; issues: {manifest['issues']['counts']}")
+        print(f"\nprepared: {manifest['counts']}; filtered: {manifest['filtered']}; "
+              f"issues: {manifest['issues']['counts']}")
         same = fingerprints[0] == fingerprints[1]
         print(f"fingerprints: {fingerprints[0]} / {fingerprints[1]} -> {'the same' if same else 'DIFFERENT'}")
         args.out.parent.mkdir(parents=True, exist_ok=True)

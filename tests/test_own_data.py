@@ -33,7 +33,8 @@ WRITE = {"Authorization": "Bearer shop-token"}
 
 def _train(root: Path, folder: Path, overrides: list[str]) -> Path:
     command = [sys.executable, str(PROJECT_ROOT / "train.py"), *overrides, f"data.source.folder={folder}", "debug=fast",
-               f"hydra.run.dir={root / 'run'}", f"data.processed_dir={root / 'data'}", f"paths.cache_dir={root / 'cache'}",
+               f"hydra.run.dir={root / 'run'}", f"data.processed_dir={root / 'data'}",
+               f"paths.cache_dir={root / 'cache'}",
                "trainer.fast_dev_run=false", "trainer.max_epochs=1", "test=false"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -57,8 +57,8 @@ def test_csv_with_string_ids_iso_dates_events_and_pictures(shops, tmp_path):
     assert (data.root / data.items["image"].dropna().iloc[0]).is_file()
     # one interaction per (customer, sku): first time, highest weight (view 1 < cart 2 < purchase 3)
     weights = events["action"].map({"view": 1, "cart": 2, "purchase": 3})
-    expected = events.assign(w=weights, t=(pd.to_datetime(events["time"]) - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).groupby(
-        ["customer", "sku"]).agg(t=("t", "min"), w=("w", "max"))
+    seconds = (pd.to_datetime(events["time"]) - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
+    expected = events.assign(w=weights, t=seconds).groupby(["customer", "sku"]).agg(t=("t", "min"), w=("w", "max"))
     users = data.users.set_index("user_id")["source_id"]
     got = data.interactions.assign(customer=data.interactions["user_id"].map(users),
                                    sku=data.interactions["item_id"].map(data.items.set_index("item_id")["source_id"]))
@@ -74,7 +74,8 @@ def test_csv_with_string_ids_iso_dates_events_and_pictures(shops, tmp_path):
 def test_parquet_layout_reads_like_the_csv_one(shops, tmp_path):
     from_csv = _prepared(source_config("tabular", f"data.source.folder={shops['csv']}", "data.source.users=null"),
                          tmp_path / "csv")
-    from_parquet = _prepared(source_config("tabular", f"data.source.folder={shops['parquet']}", *PARQUET), tmp_path / "pq")
+    from_parquet = _prepared(source_config("tabular", f"data.source.folder={shops['parquet']}", *PARQUET),
+                             tmp_path / "pq")
     for table in ("items", "interactions", "users"):
         left, right = getattr(from_csv, table), getattr(from_parquet, table)
         pd.testing.assert_frame_equal(left.drop(columns="image", errors="ignore"),
@@ -94,9 +95,10 @@ def test_amazon_2023_jsonl_gz_with_a_category_path_missing_prices_and_ratings(sh
     assert set(data.interactions["event"]) == {"rating"} and data.interactions["value"].isin([2, 4, 5]).all()
     # pictures keyed by parent_asin; items without one are reported and kept
     assert data.manifest["counts"]["items_with_image"] + data.manifest["issues"]["counts"]["missing_image"] == 60
-    liked = _prepared(source_config("amazon2023", f"data.source.folder={folder}", "data.source.min_rating=4"), tmp_path / "b")
+    amazon = ["data.source.folder=" + str(folder)]
+    liked = _prepared(source_config("amazon2023", *amazon, "data.source.min_rating=4"), tmp_path / "b")
     assert (liked.interactions["value"] >= 4).all() and liked.manifest["filtered"]["below_min_rating"] > 0
-    cored = _prepared(source_config("amazon2023", f"data.source.folder={folder}", "data.source.k_core=3"), tmp_path / "c")
+    cored = _prepared(source_config("amazon2023", *amazon, "data.source.k_core=3"), tmp_path / "c")
     assert cored.interactions.groupby("user_id").size().min() >= 3
     assert cored.interactions.groupby("item_id").size().min() >= 3
     assert cored.manifest["filtered"]["k_core_removed_interactions"] > 0

@@ -32,7 +32,6 @@ from multimodal_rec.serving.service import RecommenderService
 from multimodal_rec.serving.shop_ids import path_id
 
 
-
 def path_id_param():
     """An id in a path (a new FieldInfo each time: FastAPI binds one to its parameter's name)."""
     return Path(min_length=1, max_length=MAX_SHOP_ID, description="an int id, or the shop's own id (data=tabular)")

@@ -66,7 +66,8 @@ def _histories(datamodule) -> dict:
 
 def _catalog(datamodule, popularity: np.ndarray) -> pd.DataFrame:
     data = datamodule.dataset
-    columns = ["item_id", *(["source_id"] if "source_id" in data.items else []), "title"] + [c for kind in ("item_categorical", "item_multi", "item_numeric")
+    shop_ids = ["source_id"] if "source_id" in data.items else []  # the shop's own ids (data=tabular)
+    columns = ["item_id", *shop_ids, "title"] + [c for kind in ("item_categorical", "item_multi", "item_numeric")
                                       for c in data.attributes(kind)]
     catalog = data.items[columns].copy()
     catalog["popularity"] = popularity.astype(np.int64)

@@ -125,7 +125,8 @@ def main(argv: list[str]) -> None:
     unknown = set(settings) - {"out", "layout", "n_items", "n_users", "seed", "images", "category"}
     if unknown or "out" not in settings:
         sys.exit(f"usage: python -m multimodal_rec.data.sources.example_shop out=<dir> [layout={'|'.join(LAYOUTS)}] "
-                 f"[n_items=300] [n_users=150] [seed=0] [images=true] [category=All_Beauty]; unknown: {sorted(unknown)}")
+                 "[n_items=300] [n_users=150] [seed=0] [images=true] [category=All_Beauty]; "
+                 f"unknown: {sorted(unknown)}")
     typed = {k: int(v) for k, v in settings.items() if k in ("n_items", "n_users", "seed")}
     written = write_example_shop(settings["out"], settings.get("layout", "csv"), images=settings.get(
         "images", "true").lower() != "false", category=settings.get("category", "All_Beauty"), **typed)

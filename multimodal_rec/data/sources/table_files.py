@@ -79,8 +79,9 @@ def _missing(path: Path, columns: list[str], present) -> None:
     missing = [c for c in columns if c not in present]
     if missing:
         shown = list(present)[:30]
-        raise DatasetError(f"{path.name} has no column {missing[0]!r}" + (f" (nor {missing[1:]})" if missing[1:] else "")
-                           + f"; its columns: {shown}. Map the right one in the data config's `columns:`")
+        also = f" (nor {missing[1:]})" if missing[1:] else ""
+        raise DatasetError(f"{path.name} has no column {missing[0]!r}{also}; its columns: {shown}. Map the right "
+                           "one in the data config's `columns:`")
 
 
 def _csv_chunks(path: Path, columns, issues, chunk_rows, delimiter, what) -> Iterator[pd.DataFrame]:

@@ -32,7 +32,6 @@ from multimodal_rec.data.sources.table_files import LINE, read_chunks, resolve_p
 from multimodal_rec.data.sources.table_values import (
     epoch_seconds,
     id_keys,
-    is_missing,
     joined_text,
     multi_values,
     number,
@@ -287,11 +286,12 @@ def read_tabular(name: str, items, interactions, users=None, folder: str | None 
     if user_table is not None:
         profiles = user_table.drop(columns=[LINE]).set_index("source_id")
         users_out = users_out.join(profiles, on="source_id")
+    event_names = np.asarray(list(reader.events), dtype=object)
     interactions_out = pd.DataFrame({"user_id": user_ids[events["user"].to_numpy()],
                                      "item_id": item_ids[events["item"].to_numpy()],
                                      "timestamp": events["timestamp"].to_numpy(np.int64),
                                      "value": events["value"].to_numpy(np.float32),
-                                     "event": np.asarray(list(reader.events), dtype=object)[events["event"].to_numpy()]})
+                                     "event": event_names[events["event"].to_numpy()]})
 
     root = Path(image_root) if image_root else None
     image_files, image_digest = _image_files(item_table, root, items_path.name, issues)
