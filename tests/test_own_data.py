@@ -95,6 +95,8 @@ def test_a_shops_files_are_trained_exported_and_served_in_its_own_ids(layout, tm
     assert client.get("/items/NEW-SKU-1").json()["title"] == "New teal mug"
     assert client.delete("/items/NEW-SKU-1", headers=WRITE).json()["withdrawn"] is True
     assert client.get("/items/NEW-SKU-1/similar").status_code == 410
+    assert client.delete(f"/users/{user}", headers=WRITE).json()["forgotten"] is True
+    assert client.post("/recommend", json={"user_id": user}).status_code == 404
 
 
 def test_int_id_catalogues_refuse_string_ids(tiny_artifacts):

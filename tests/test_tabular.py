@@ -249,3 +249,16 @@ def test_amazon_2018_layout(tmp_path):
     assert items.loc["B001", "text"] == "Serum. 30 ml. Light. Daily."
     assert list(data.interactions["value"]) == [5.0, 3.0, 4.0] and data.manifest["source"] == "amazon2018_Beauty"
     assert data.manifest["issues"]["counts"] == {"no_image_folder": 1}  # no pictures at all: said once
+
+
+def test_forgetting_users_by_the_shops_own_ids(shops, tmp_path):
+    from multimodal_rec.data.forget import forget, has_shop_ids, read_user_ids
+
+    data = _prepared(source_config("tabular", f"data.source.folder={shops['csv']}"), tmp_path / "d")
+    victim = str(data.users["source_id"].iloc[2])
+    (tmp_path / "forget.txt").write_text(f"{victim}\nnobody-at-all\n")
+    assert has_shop_ids(data.root)
+    manifest = forget(data.root, read_user_ids(tmp_path / "forget.txt", shop_ids=True), tmp_path / "after")
+    after = load_dataset(tmp_path / "after")
+    assert manifest["forgotten_users"] == 1 and victim not in set(after.users["source_id"])
+    assert len(after.interactions) == len(data.interactions) - (data.interactions["user_id"] == 3).sum()
