@@ -30,8 +30,9 @@ def tiny_model(shop_dir, **settings) -> tuple[MultimodalRecommender, dict]:
     return model, batch
 
 
-def hand_full_softmax(model: MultimodalRecommender, batch: dict, scale: float) -> float:
-    """Mean over every target of -log softmax(scale * q . v) over the items seen in training, term by term."""
+def hand_full_softmax(model: MultimodalRecommender, batch: dict, scale: float, mask_seen: bool = False) -> float:
+    """Mean over every target of -log softmax(scale * q . v) over the items seen in training, term by term;
+    with mask_seen, without the window's items up to the position (the target excepted)."""
     with torch.no_grad():
         vectors, _ = model.all_item_embeddings()
         queries = model.queries(batch["history"], batch["user"], batch["context_hour"])
@@ -40,7 +41,9 @@ def hand_full_softmax(model: MultimodalRecommender, batch: dict, scale: float) -
         for row, position in zip(*torch.nonzero(batch["targets"] >= 0, as_tuple=True)):
             q = queries[row, position]
             target = int(batch["targets"][row, position])
-            logits = {i: scale * float(q @ vectors[i]) for i in trained}
+            earlier = batch["history"][row, : position + 1].tolist() + batch["before"][row].tolist()
+            seen = set(earlier) - {target} if mask_seen else set()
+            logits = {i: scale * float(q @ vectors[i]) for i in trained if i not in seen}
             top = max(logits.values())
             log_norm = top + math.log(sum(math.exp(v - top) for v in logits.values()))
             losses.append(log_norm - logits[target])
@@ -54,6 +57,20 @@ def test_full_softmax_equals_a_hand_computation(tiny_shop_dir, score, scale):
     with torch.no_grad():
         loss = float(model.training_step(batch, 0))
     assert loss == pytest.approx(hand_full_softmax(model, batch, scale), rel=1e-4)
+
+
+def test_mask_seen_leaves_each_positions_earlier_items_out_of_its_softmax(tiny_shop_dir):
+    model, batch = tiny_model(tiny_shop_dir, loss="full", score="dot", mask_seen=True)
+    assert (batch["before"] != model.pad).any()  # windows that start after the user's first items
+    with torch.no_grad():
+        loss = float(model.training_step(batch, 0))
+    assert loss == pytest.approx(hand_full_softmax(model, batch, 1.0, mask_seen=True), rel=1e-4)
+    assert loss < hand_full_softmax(model, batch, 1.0)  # fewer competitors
+    repeat = {k: v.clone() for k, v in batch.items()}  # a target that is also an earlier item stays a target
+    row, position = [int(x[-1]) for x in torch.nonzero(batch["targets"] >= 0, as_tuple=True)]
+    repeat["targets"][row, position] = repeat["history"][row, position]
+    with torch.no_grad():
+        assert math.isfinite(float(model.training_step(repeat, 0)))
 
 
 def test_cold_items_get_no_gradient_from_the_full_softmax(tiny_shop_dir):

@@ -9,6 +9,7 @@ from torch.utils.data import Dataset
 from multimodal_rec.data.splits import Split
 
 IGNORE_TARGET = -100
+MAX_BEFORE = 1000  # items before a training window that a batch carries (for mask_seen)
 SECONDS_PER_HOUR = 3600
 
 
@@ -38,6 +39,7 @@ class TrainWindows(Dataset):
         user_of = np.repeat(np.arange(split.n_users), split.lengths())
         self.user_items = {}
         self.user_times = {}
+        self.before_len = 1  # the longest `before` (>= 1: a batch always has the key)
         windows = []
         for user in np.unique(user_of[mask]):
             lo, hi = split.offsets[user], split.offsets[user + 1]
@@ -46,6 +48,7 @@ class TrainWindows(Dataset):
             if len(items) < 2:
                 continue
             self.user_items[user], self.user_times[user] = items, times
+            self.before_len = max(self.before_len, min(len(items) - 2, MAX_BEFORE))
             for end in range(len(items), 1, -max_len):  # targets are items[start:end]
                 windows.append((user, max(end - max_len, 1), end))
         self.windows = np.asarray(windows, dtype=np.int64).reshape(-1, 3)
@@ -64,6 +67,9 @@ class TrainWindows(Dataset):
             "history": torch.from_numpy(history),
             "targets": torch.from_numpy(targets),
             "context_hour": torch.from_numpy(hours),
+            # the user's items before the window (the most recent MAX_BEFORE): mask_seen leaves them out of the loss
+            "before": torch.from_numpy(_left_pad(items[max(0, start - 1 - MAX_BEFORE): start - 1], self.before_len,
+                                                 self.pad)),
         }
 
 

@@ -51,7 +51,7 @@ class MultimodalRecommender(pl.LightningModule):
                  rerank_top: int = 50, ranker_weight: float = 1.0, ranker_positions: int = 512,
                  encoder_lr_scale: float = 0.1, item_bias: bool = False, loss: str = "auto",
                  full_softmax_max_items: int = FULL_SOFTMAX_MAX_ITEMS, score: str = "cosine",
-                 ks: tuple = (10, 20), privacy: dict | None = None):
+                 ks: tuple = (10, 20), privacy: dict | None = None, mask_seen: bool = False):
         # score defaults to cosine here (conf/model says dot): checkpoints saved before the choice rebuild as they
         # were trained
         super().__init__()
@@ -185,7 +185,25 @@ class MultimodalRecommender(pl.LightningModule):
         queries = self.queries(batch["history"], batch["user"], batch["context_hour"],
                                item_vectors=all_vectors)[valid]  # (P, d)
         similarity = (queries @ all_vectors.T + all_biases).masked_fill(self.untrained_items, float("-inf"))
+        if self.hparams.mask_seen:
+            similarity = self._mask_seen(similarity, batch, valid, positives)
         return queries, all_vectors, similarity, positives, None
+
+    def _mask_seen(self, similarity: torch.Tensor, batch: dict, valid: torch.Tensor,
+                   positives: torch.Tensor) -> torch.Tensor:
+        """Each position's softmax without the user's earlier items (those before the window, `before`, and the
+        window's up to the position): evaluation and serving never rank them, so training need not push them
+        down. The target keeps its score (a repeated item is still a target)."""
+        history, target_scores = batch["history"], similarity.gather(1, positives[:, None])
+        steps = torch.arange(history.shape[1], device=history.device)
+        later = steps[None, :] > steps[:, None]  # (t, s): item s comes after position t
+        seen = history[:, None, :].expand(-1, len(steps), -1).masked_fill(later, self.pad)[valid]  # (P, L)
+        sink = torch.cat([similarity, similarity.new_zeros(len(similarity), 1)], dim=1)  # column `pad` absorbs pads
+        similarity = sink.scatter(1, seen, float("-inf"))
+        if "before" in batch:  # (B, K) left-padded items before the window
+            earlier = torch.zeros_like(similarity, dtype=torch.bool)[: len(history)].scatter_(1, batch["before"], True)
+            similarity = similarity.masked_fill(earlier[torch.nonzero(valid, as_tuple=True)[0]], float("-inf"))
+        return similarity[:, : self.n_items].scatter(1, positives[:, None], target_scores)
 
     def _sampled_scores(self, batch: dict, valid: torch.Tensor, positives: torch.Tensor) -> tuple:
         """In-batch targets + `num_negatives` uniform draws from the trained items, with log-Q correction."""
