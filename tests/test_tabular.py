@@ -262,3 +262,11 @@ def test_forgetting_users_by_the_shops_own_ids(shops, tmp_path):
     after = load_dataset(tmp_path / "after")
     assert manifest["forgotten_users"] == 1 and victim not in set(after.users["source_id"])
     assert len(after.interactions) == len(data.interactions) - (data.interactions["user_id"] == 3).sum()
+
+
+def test_another_column_mapping_is_another_dataset(shops, tmp_path):
+    first = prepare(source_config("tabular", f"data.source.folder={shops['csv']}"), tmp_path / "a")
+    other = prepare(source_config("tabular", f"data.source.folder={shops['csv']}",
+                                  "data.source.items.columns.text=[description,name]"), tmp_path / "b")
+    assert first["counts"] == other["counts"] and first["inputs"] == other["inputs"]
+    assert first["fingerprint"] != other["fingerprint"]  # cached text features must not be reused

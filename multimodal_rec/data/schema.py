@@ -178,9 +178,13 @@ def write_dataset(raw: RawDataset, out_dir: str | os.PathLike) -> dict:
 
 
 def fingerprint_of(manifest: dict) -> str:
-    """A short hash of what defines the data: source, inputs, counts and attribute schema."""
+    """A short hash of what defines the data: source, inputs, counts and attribute schema (and the settings of
+    the generic reader, whose column mapping changes the tables without changing the inputs)."""
     keys = ("source", "inputs", "counts", "attributes", "generator")
-    payload = json.dumps({k: manifest.get(k) for k in keys}, sort_keys=True)
+    payload = {k: manifest.get(k) for k in keys}
+    if "reader" in manifest:  # only then: other datasets keep the fingerprints they had
+        payload["reader"] = manifest["reader"]
+    payload = json.dumps(payload, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

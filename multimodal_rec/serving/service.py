@@ -85,9 +85,8 @@ class RecommenderService:
 
     # ---- requests: ids as the client sends them (the shop's own, see shop_ids.py), answers alike --------
     def _query(self, artifacts: Artifacts, user_id, history, profile, hour) -> engine.Query:
-        ids = artifacts.shop_ids
-        rows = items_in(ids, history, "unknown item ids in history") if history else history
-        return engine.build_query(artifacts, self.known_user(artifacts, user_id), rows, profile, hour)
+        session = items_in(artifacts.shop_ids, history, "unknown item ids in history") if history else history
+        return engine.build_query(artifacts, self.known_user(artifacts, user_id), session, profile, hour)
 
     @staticmethod
     def known_user(artifacts: Artifacts, user_id):

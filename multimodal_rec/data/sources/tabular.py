@@ -16,6 +16,7 @@ until stable.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections import Counter
 from pathlib import Path
@@ -204,8 +205,8 @@ class _EventReader:
             low = chunk["rating_value"] < float(self.min_rating)
             self.dropped["below_min_rating"] += int((low & keep).sum())
             keep &= ~low
-        for name_ in pd.unique(event):
-            self.events.setdefault(name_, len(self.events))
+        for event_name in pd.unique(event):
+            self.events.setdefault(event_name, len(self.events))
         # 26 bytes an event: what stays in memory while the rest of the file is read
         return pd.DataFrame({"user": chunk["user"].astype(np.int32), "item": chunk["item"].astype(np.int32),
                              "timestamp": np.floor(chunk["seconds"].to_numpy(float)).astype(np.int64),
@@ -253,6 +254,9 @@ def read_tabular(name: str, items, interactions, users=None, folder: str | None 
     """Reads a shop's files as the config maps them (conf/data/tabular.yaml documents every setting). Relative
     paths are read from `folder`; `category` (Amazon's) is only recorded in the manifest."""
     items_spec, events_spec, users_spec = _plain(items), _plain(interactions), _plain(users) if users else None
+    # what defines the data (in the fingerprint: another mapping is another dataset), paths as configured
+    settings = copy.deepcopy({"items": items_spec, "interactions": events_spec, "users": users_spec,
+                              "k_core": int(k_core or 0), "min_rating": min_rating, "image_root": image_root})
     base = Path(folder) if folder else Path.cwd()
     for spec in (items_spec, events_spec, users_spec):
         if spec and spec.get("path"):
@@ -306,8 +310,6 @@ def read_tabular(name: str, items, interactions, users=None, folder: str | None 
     user_attrs = _attribute_settings(users_spec, "users") if users_spec else ([], {}, [])
     attributes = {"item_categorical": item_attrs[0], "item_multi": list(item_attrs[1]), "item_numeric": item_attrs[2],
                   "user_categorical": user_attrs[0], "user_numeric": user_attrs[2]}
-    settings = {"items": items_spec, "interactions": events_spec, "users": users_spec, "k_core": int(k_core or 0),
-                "min_rating": min_rating}
     extra = {"ids": "source_id", "reader": settings, **({"category": category} if category else {}),
              "filtered": {**dict(sorted(reader.dropped.items())), "merged_repeats": merged, **removed}}
     return RawDataset(name, item_table.drop(columns=[LINE]), users_out, interactions_out, attributes, inputs, issues,
