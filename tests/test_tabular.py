@@ -270,3 +270,14 @@ def test_another_column_mapping_is_another_dataset(shops, tmp_path):
                                   "data.source.items.columns.text=[description,name]"), tmp_path / "b")
     assert first["counts"] == other["counts"] and first["inputs"] == other["inputs"]
     assert first["fingerprint"] != other["fingerprint"]  # cached text features must not be reused
+
+
+def test_with_a_users_file_events_of_unknown_users_are_reported(tmp_path):
+    settings = _bad_shop(tmp_path)
+    (tmp_path / "users.csv").write_text("uid,age\nu1,31\nu1,32\nu3,40\n")  # u1 twice; u2 missing; u3 no events
+    settings["users"] = {"path": str(tmp_path / "users.csv"), "columns": {"user_id": "uid"}, "numeric": ["age"]}
+    raw = read_tabular("bad", **settings)
+    assert raw.issues.counts["unknown_user"] == 2 and raw.issues.counts["duplicate_user"] == 1
+    assert raw.issues.examples["duplicate_user"] == ["users.csv:3: 'u1' seen before, first kept"]
+    assert list(raw.users["source_id"]) == ["u1", "u3"] and list(raw.users["age"]) == [31.0, 40.0]
+    assert set(raw.interactions["user_id"]) == {1}
