@@ -260,7 +260,11 @@ def read_tabular(name: str, items, interactions, users=None, folder: str | None 
     base = Path(folder) if folder else Path.cwd()
     for spec in (items_spec, events_spec, users_spec):
         if spec and spec.get("path"):
-            spec["path"] = str(base / spec["path"])
+            try:
+                spec["path"] = str(resolve_path(base / spec["path"]))
+            except DatasetError as error:
+                where = f"data.source.folder={folder}" if folder else "the working directory (data.source.folder unset)"
+                raise DatasetError(f"{error} (relative paths are read from {where})") from error
     image_root = str(base / image_root) if image_root else None
     issues = DataIssues()
     item_table, items_path = read_items(items_spec, issues, chunk_rows)
