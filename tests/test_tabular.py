@@ -142,7 +142,7 @@ def _bad_shop(folder: Path) -> dict:
     Image.new("RGB", (32, 32), "red").save(folder / "pics" / "a.png")
     (folder / "pics" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     (folder / "items.csv").write_text(
-        "id,title,pic,price\n"
+        "\ufeffid,title,pic,price\n"  # a byte-order mark, as spreadsheets write
         "A-1,Red mug,a.png,9.5\n"
         "B-2,Blue mug,broken.jpg,$12\n"
         "C-3,Green mug,missing.png,\n"

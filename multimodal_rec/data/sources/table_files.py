@@ -52,9 +52,10 @@ def file_format(path: Path, declared: str | None = None) -> str:
 
 
 def _open_text(path: Path):
+    # utf-8-sig: a byte-order mark (spreadsheet exports) is not part of the first column's name
     if path.suffix.lower() == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace", newline="")
-    return open(path, encoding="utf-8", errors="replace", newline="")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", errors="replace", newline="")
+    return open(path, encoding="utf-8-sig", errors="replace", newline="")
 
 
 def read_chunks(path: Path, columns: list[str], issues: DataIssues, fmt: str | None = None,
