@@ -18,9 +18,8 @@ from PIL import Image
 from multimodal_rec.data.images import ImageLoadError, load_image
 from multimodal_rec.data.synthetic_images import is_synthetic_ref
 from multimodal_rec.serving.artifacts import Artifacts
-from multimodal_rec.serving.errors import RequestError
 from multimodal_rec.serving.filters import RESERVED, is_multi
-from multimodal_rec.serving.shop_ids import id_kind, item_in, item_out, user_in, user_out
+from multimodal_rec.serving.shop_ids import id_kind, item_out, known_item_row, known_user, user_out
 
 MAX_FACET_VALUES = 50
 PLACEHOLDER_SVG = (
@@ -52,25 +51,14 @@ def attributes_of(artifacts: Artifacts, rows: np.ndarray) -> list[dict]:
             for record in table]
 
 
-def _row(artifacts: Artifacts, item_id) -> int:
-    """The row of an item named as clients name it (an int id, or the shop's own)."""
-    row = artifacts.item_row.get(item_in(artifacts.shop_ids, item_id))
-    if row is None:
-        raise RequestError(404, f"unknown item id {item_id}", unknown_item_ids=[item_id])
-    return row
-
-
 def item_details(artifacts: Artifacts, item_id) -> dict:
-    row = _row(artifacts, item_id)
+    row = known_item_row(artifacts, item_id)
     return {"item_id": item_id, "title": str(artifacts.titles[row]), "attributes": attributes_of(artifacts, [row])[0],
             "has_image": bool(artifacts.catalog["has_image"].iat[row]), "withdrawn": row in artifacts.withdrawn}
 
 
 def user_history(artifacts: Artifacts, user_id, limit: int) -> dict:
-    canonical = user_in(artifacts.shop_ids, user_id)
-    if canonical not in artifacts.user_row:
-        raise RequestError(404, f"unknown user id {user_id}", unknown_user_id=user_id)
-    rows, _ = artifacts.rows(artifacts.user_history(canonical)[-limit:])
+    rows, _ = artifacts.rows(artifacts.user_history(known_user(artifacts, user_id))[-limit:])
     return {"user_id": user_id, "items": [{"item_id": item_out(artifacts.shop_ids, artifacts.item_ids[r]),
                                            "title": str(artifacts.titles[r])} for r in rows]}
 
@@ -100,7 +88,7 @@ def image_source(artifacts: Artifacts, item_id, size: int, image_root: Path | No
     """(kind, source, etag) of the item's picture, found without decoding it, so that a request that already
     holds the picture (If-None-Match) costs no decoding: kind "upload" (base64), "synthetic" (a ref to
     render), "file" (a path under `image_root`) or "placeholder"."""
-    row = _row(artifacts, item_id)
+    row = known_item_row(artifacts, item_id)
     uploaded = artifacts.uploaded_images.get(int(artifacts.item_ids[row]))
     ref = artifacts.catalog["image"].iat[row] if "image" in artifacts.catalog else None
     tag = hashlib.sha256(f"{item_id}:{ref}:{size}:{uploaded is not None}".encode()).hexdigest()[:20]

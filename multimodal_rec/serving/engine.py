@@ -194,12 +194,6 @@ def recommend(artifacts: Artifacts, query: Query, k: int, filters: dict | None, 
     return _answer(artifacts, query, rows[order], scores[order], retrieval[order])
 
 
-def _refuse_withdrawn(artifacts: Artifacts, rows: np.ndarray) -> None:
-    gone = [int(artifacts.item_ids[r]) for r in rows if r in artifacts.withdrawn]
-    if gone:
-        raise RequestError(410, f"item {gone[0]} was withdrawn", withdrawn_item_ids=gone)
-
-
 def rank(artifacts: Artifacts, query: Query, item_ids: list[int]) -> dict:
     rows, unknown = artifacts.rows(item_ids)
     if unknown:
@@ -223,7 +217,6 @@ def similar(artifacts: Artifacts, item_id: int, k: int) -> dict:
     rows, unknown = artifacts.rows([item_id])
     if unknown:
         raise RequestError(404, f"unknown item id {item_id}", unknown_item_ids=unknown)
-    _refuse_withdrawn(artifacts, rows)
     vector = np.zeros(artifacts.dim, dtype=np.float32)  # the bias column (if any) stays 0: pure cosine
     vector[: artifacts.item_dim] = artifacts.tower_vectors(rows[:1])[0]
     query = Query(vector, rows, "history")

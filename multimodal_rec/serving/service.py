@@ -18,7 +18,7 @@ from multimodal_rec.serving.errors import RequestError
 from multimodal_rec.serving.filters import RESERVED
 from multimodal_rec.serving.journal import Journal
 from multimodal_rec.serving.new_items import NewItemEncoder
-from multimodal_rec.serving.shop_ids import answer_out, item_in, items_in, user_in
+from multimodal_rec.serving.shop_ids import answer_out, items_in, known_item_row, known_user, user_in
 
 log = logging.getLogger(__name__)
 
@@ -86,15 +86,7 @@ class RecommenderService:
     # ---- requests: ids as the client sends them (the shop's own, see shop_ids.py), answers alike --------
     def _query(self, artifacts: Artifacts, user_id, history, profile, hour) -> engine.Query:
         session = items_in(artifacts.shop_ids, history, "unknown item ids in history") if history else history
-        return engine.build_query(artifacts, self.known_user(artifacts, user_id), session, profile, hour)
-
-    @staticmethod
-    def known_user(artifacts: Artifacts, user_id):
-        """The canonical id of a user the artifacts hold (404 naming the id as sent otherwise)."""
-        canonical = user_in(artifacts.shop_ids, user_id)
-        if canonical is not None and canonical not in artifacts.user_row:
-            raise RequestError(404, f"unknown user id {user_id!r}", unknown_user_id=user_id)
-        return canonical
+        return engine.build_query(artifacts, known_user(artifacts, user_id), session, profile, hour)
 
     def recommend(self, user_id, history, profile, hour, k, filters, exclude_seen) -> dict:
         artifacts = self.artifacts
@@ -108,11 +100,10 @@ class RecommenderService:
 
     def similar(self, item_id, k: int) -> dict:
         artifacts = self.artifacts
-        canonical = item_in(artifacts.shop_ids, item_id)
-        row = artifacts.item_row.get(canonical)
-        if row is not None and row in artifacts.withdrawn:
+        row = known_item_row(artifacts, item_id)
+        if row in artifacts.withdrawn:
             raise RequestError(410, f"item {item_id} was withdrawn", withdrawn_item_ids=[item_id])
-        return answer_out(artifacts.shop_ids, engine.similar(artifacts, canonical, k))
+        return answer_out(artifacts.shop_ids, engine.similar(artifacts, int(artifacts.item_ids[row]), k))
 
     @staticmethod
     def _exists(artifacts: Artifacts, item_id) -> bool:
@@ -147,9 +138,7 @@ class RecommenderService:
         """The item is no longer recommended (nor ranked, nor similar to anything); histories may still name it."""
         with self._write_lock:
             artifacts = self.artifacts
-            row = artifacts.item_row.get(item_in(artifacts.shop_ids, item_id))
-            if row is None:
-                raise RequestError(404, f"unknown item id {item_id}", unknown_item_ids=[item_id])
+            row = known_item_row(artifacts, item_id)
             if row not in artifacts.withdrawn:
                 if self.journal is not None:
                     self.journal.append({"op": "withdraw", "item_id": item_id})
@@ -194,9 +183,7 @@ class RecommenderService:
                     if canonical in artifacts.user_row:
                         _forget(artifacts, canonical)
                 elif entry["op"] == "withdraw":
-                    row = artifacts.item_row.get(item_in(artifacts.shop_ids, entry["item_id"]))
-                    if row is None:
-                        raise KeyError(f"item {entry['item_id']} is not in these artifacts")
+                    row = known_item_row(artifacts, entry["item_id"])  # unknown: a RequestError, skipped below
                     artifacts.withdrawn = artifacts.withdrawn | {row}
                     withdrawn += 1
                 else:

@@ -78,6 +78,22 @@ def user_in(ids: ShopIds | None, value):
     return found
 
 
+def known_item_row(artifacts, item_id) -> int:
+    """The row of an item the artifacts hold, named as the client names it (404 naming the id as sent)."""
+    row = artifacts.item_row.get(item_in(artifacts.shop_ids, item_id))
+    if row is None:
+        raise RequestError(404, f"unknown item id {item_id}", unknown_item_ids=[item_id])
+    return row
+
+
+def known_user(artifacts, user_id):
+    """The canonical id of a user the artifacts hold (None stays None; 404 naming the id as sent)."""
+    canonical = user_in(artifacts.shop_ids, user_id)
+    if canonical is not None and canonical not in artifacts.user_row:
+        raise RequestError(404, f"unknown user id {user_id}", unknown_user_id=user_id)
+    return canonical
+
+
 def path_id(ids: ShopIds | None, text: str, what: str) -> ExternalId:
     """An id from a URL path: the string itself for shop ids, else a non-negative int64 (422 otherwise)."""
     if ids is not None:
