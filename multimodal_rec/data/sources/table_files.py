@@ -97,7 +97,6 @@ def _csv_chunks(path: Path, columns, issues, chunk_rows, delimiter, what) -> Ite
         positions = [header.index(c) for c in columns]
         width = len(header)
         rows, lines = [], []
-        raw = handle.buffer if hasattr(handle, "buffer") else None
         for row in reader:
             if len(row) != width:
                 if len(row) == 0 or row == [""]:
@@ -109,14 +108,15 @@ def _csv_chunks(path: Path, columns, issues, chunk_rows, delimiter, what) -> Ite
             if len(rows) >= chunk_rows:
                 yield _frame(rows, lines, columns)
                 rows, lines = [], []
-                _advance(bar, raw, path)
+                _advance(bar, handle)
         if rows:
             yield _frame(rows, lines, columns)
         bar.update(bar.total - bar.n)
 
 
-def _advance(bar: tqdm, raw, path: Path) -> None:
-    """Moves the bar to the bytes consumed so far (of the compressed file for .gz)."""
+def _advance(bar: tqdm, handle) -> None:
+    """Moves the bar to the bytes of the text `handle`'s file consumed so far (of the compressed file for .gz)."""
+    raw = handle.buffer
     try:
         position = raw.fileobj.tell() if hasattr(raw, "fileobj") else raw.tell()
     except (AttributeError, OSError, ValueError):
@@ -134,7 +134,6 @@ def _jsonl_chunks(path: Path, columns, issues, chunk_rows, what) -> Iterator[pd.
     seen_keys: set = set()
     checked = False
     with _open_text(path) as handle, _progress(path, what) as bar:
-        raw = handle.buffer if hasattr(handle, "buffer") else None
         rows, lines = [], []
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -157,7 +156,7 @@ def _jsonl_chunks(path: Path, columns, issues, chunk_rows, what) -> Iterator[pd.
                     checked = True
                 yield _frame(rows, lines, columns)
                 rows, lines = [], []
-                _advance(bar, raw, path)
+                _advance(bar, handle)
         if not checked:
             _missing(path, columns, seen_keys)
         if rows:

@@ -94,13 +94,13 @@ def _first_of_each(table: pd.DataFrame, name: str, kind: str, issues: DataIssues
     return table.loc[~duplicate].reset_index(drop=True)
 
 
-def read_items(spec: dict, issues: DataIssues, chunk_rows: int) -> tuple[pd.DataFrame, Path]:
+def read_items(spec: dict, attributes: tuple, issues: DataIssues, chunk_rows: int) -> tuple[pd.DataFrame, Path]:
+    """attributes: (categorical, multi, numeric) from `_attribute_settings`."""
     path = resolve_path(spec.get("path") or _required({}, "path", "items"))
     columns = dict(spec.get("columns") or {})
     item_col = _required(columns, "item_id", "items")
     title_col, image_col, text_cols = columns.get("title"), columns.get("image"), _as_list(columns.get("text"))
     pattern = spec.get("image_pattern")
-    attributes = _attribute_settings(spec, "items")
     needed = [c for c in [item_col, title_col, image_col, *text_cols, *[c for g in attributes for c in g]] if c]
     frames = []
     for chunk in read_chunks(path, needed, issues, spec.get("format"), chunk_rows, "items"):
@@ -122,10 +122,10 @@ def read_items(spec: dict, issues: DataIssues, chunk_rows: int) -> tuple[pd.Data
     return _first_of_each(items, path.name, "duplicate_item", issues), path
 
 
-def read_users(spec: dict, issues: DataIssues, chunk_rows: int) -> tuple[pd.DataFrame, Path]:
+def read_users(spec: dict, attributes: tuple, issues: DataIssues, chunk_rows: int) -> tuple[pd.DataFrame, Path]:
     path = resolve_path(spec.get("path") or _required({}, "path", "users"))
     user_col = _required(dict(spec.get("columns") or {}), "user_id", "users")
-    categorical, multi, numeric = _attribute_settings(spec, "users")
+    categorical, multi, numeric = attributes
     if multi:
         raise DatasetError("users: multi-valued attributes are not supported; declare them categorical")
     frames = []
@@ -267,8 +267,10 @@ def read_tabular(name: str, items, interactions, users=None, folder: str | None 
                 raise DatasetError(f"{error} (relative paths are read from {where})") from error
     image_root = str(base / image_root) if image_root else None
     issues = DataIssues()
-    item_table, items_path = read_items(items_spec, issues, chunk_rows)
-    user_table, users_path = read_users(users_spec, issues, chunk_rows) if users_spec else (None, None)
+    item_attrs = _attribute_settings(items_spec, "items")
+    user_attrs = _attribute_settings(users_spec, "users") if users_spec else ([], {}, [])
+    item_table, items_path = read_items(items_spec, item_attrs, issues, chunk_rows)
+    user_table, users_path = read_users(users_spec, user_attrs, issues, chunk_rows) if users_spec else (None, None)
     item_rows = dict(zip(item_table["source_id"], range(len(item_table))))
     user_rows = dict(zip(user_table["source_id"], range(len(user_table)))) if user_table is not None else {}
     reader = _EventReader(events_spec, item_rows, user_rows, user_table is not None, min_rating, issues)
@@ -310,8 +312,6 @@ def read_tabular(name: str, items, interactions, users=None, folder: str | None 
         inputs[f"users:{users_path.name}"] = sha256_file(users_path)
     if image_files:
         inputs["images/"] = image_digest
-    item_attrs = _attribute_settings(items_spec, "items")
-    user_attrs = _attribute_settings(users_spec, "users") if users_spec else ([], {}, [])
     attributes = {"item_categorical": item_attrs[0], "item_multi": list(item_attrs[1]), "item_numeric": item_attrs[2],
                   "user_categorical": user_attrs[0], "user_numeric": user_attrs[2]}
     extra = {"ids": "source_id", "reader": settings, **({"category": category} if category else {}),
