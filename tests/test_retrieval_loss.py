@@ -41,8 +41,10 @@ def hand_full_softmax(model: MultimodalRecommender, batch: dict, scale: float, m
         for row, position in zip(*torch.nonzero(batch["targets"] >= 0, as_tuple=True)):
             q = queries[row, position]
             target = int(batch["targets"][row, position])
-            earlier = batch["history"][row, : position + 1].tolist() + batch["before"][row].tolist()
-            seen = set(earlier) - {target} if mask_seen else set()
+            seen = set()
+            if mask_seen:
+                earlier = batch["history"][row, : position + 1].tolist() + batch["before"][row].tolist()
+                seen = set(earlier) - {target}
             logits = {i: scale * float(q @ vectors[i]) for i in trained if i not in seen}
             top = max(logits.values())
             log_norm = top + math.log(sum(math.exp(v - top) for v in logits.values()))

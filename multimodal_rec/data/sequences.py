@@ -39,7 +39,8 @@ class TrainWindows(Dataset):
         user_of = np.repeat(np.arange(split.n_users), split.lengths())
         self.user_items = {}
         self.user_times = {}
-        self.before_len = 1  # the longest `before` (>= 1: a batch always has the key)
+        self.before_len = 1  # the longest `before`
+        self.carry_before = False  # set by build_model for a model with mask_seen: only it reads `before`
         windows = []
         for user in np.unique(user_of[mask]):
             lo, hi = split.offsets[user], split.offsets[user + 1]
@@ -62,15 +63,16 @@ class TrainWindows(Dataset):
         history = _left_pad(items[start - 1 : end - 1], self.max_len, self.pad)  # (L,)
         targets = _left_pad(items[start:end], self.max_len, IGNORE_TARGET)  # (L,)
         hours = _left_pad(hour_of_day(times[start:end]), self.max_len, 0)  # (L,)
-        return {
+        sample = {
             "user": torch.tensor(user),
             "history": torch.from_numpy(history),
             "targets": torch.from_numpy(targets),
             "context_hour": torch.from_numpy(hours),
-            # the user's items before the window (the most recent MAX_BEFORE): mask_seen leaves them out of the loss
-            "before": torch.from_numpy(_left_pad(items[max(0, start - 1 - MAX_BEFORE): start - 1], self.before_len,
-                                                 self.pad)),
         }
+        if self.carry_before:  # the user's items before the window (the most recent MAX_BEFORE)
+            earlier = items[max(0, start - 1 - MAX_BEFORE): start - 1]
+            sample["before"] = torch.from_numpy(_left_pad(earlier, self.before_len, self.pad))
+        return sample
 
 
 class EvalRows(Dataset):
