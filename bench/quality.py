@@ -27,14 +27,14 @@ MODELS = ("popularity", "user_knn", "item_knn", "bpr_mf", "content", "dnn", "sas
 STAGES = ("test", "test_cold")
 
 
-def run_baseline(name: str, base: list[str], out: Path, seed: int) -> dict:
+def run_baseline(name: str, base: list[str], out: Path, seed: int, extra: list[str]) -> dict:
     import hydra
     from omegaconf import OmegaConf
 
     from multimodal_rec.config import CONF_DIR
     from multimodal_rec.models.encoders_setup import build_bundle
 
-    cfg = train_config(out, base)
+    cfg = train_config(out, [*base, *(o for o in extra if o.startswith("data."))])  # the same data as the model
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup()
@@ -55,6 +55,8 @@ def run_baseline(name: str, base: list[str], out: Path, seed: int) -> dict:
     settings = OmegaConf.load(CONF_DIR / "baseline" / f"{name}.yaml")
     if "seed" in settings:
         settings.seed = seed
+    if settings.get("window_stride", "absent") is None:  # the sequence baseline trains on the model's windows
+        settings.window_stride = cfg.data.window_stride
     baseline = hydra.utils.instantiate(settings)
     started = time.time()
     baseline.fit(datamodule.split, item_vectors)
@@ -74,7 +76,7 @@ def run_multimodal(base: list[str], out: Path, extra: list[str], seed: int) -> d
 
 def child(name: str, base: list[str], out: Path, extra: list[str], seed: int) -> None:
     result = (run_multimodal(base, out, extra, seed) if name == "multimodal"
-              else run_baseline(name, base, out, seed))
+              else run_baseline(name, base, out, seed, extra))
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -99,7 +101,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="a run per seed; the table averages them")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for the multimodal model")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for the multimodal model (data.* ones for every model)")
     args = parser.parse_args()
     base = data_overrides(args.data)
     if args.child:

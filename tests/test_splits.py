@@ -72,6 +72,37 @@ def test_training_windows_cover_each_target_once():
     assert sample["history"].tolist() == [4, 1] and sample["targets"].tolist() == [1, 0]
 
 
+def test_overlapping_windows_give_every_target_context_and_train_it_once():
+    # one user, 14 items: 12 in training (idx 0..11), the last two validation and test
+    inter = pd.DataFrame({"user_id": 1, "item_id": np.arange(14) + 100, "timestamp": np.arange(14) * 10})
+    inter["value"], inter["event"] = 1.0, "click"
+    items = pd.DataFrame({"item_id": np.arange(14) + 100, "title": "t", "text": "t"})
+    items["image"] = None
+    data = CanonicalDataset(None, items, pd.DataFrame({"user_id": [1]}), inter, {"fingerprint": "x"})
+    split = build_split(data)
+    plain, strided = TrainWindows(split, max_len=4), TrainWindows(split, max_len=4, stride=2)
+    assert len(strided) == 6 and len(plain) == 3
+    seen = {}
+    for windows in (plain, strided):
+        targets, contexts = [], []
+        for i in range(len(windows)):
+            sample = windows[i]
+            history, window_targets = sample["history"].tolist(), sample["targets"].tolist()
+            for position, target in enumerate(window_targets):
+                if target != IGNORE_TARGET:  # the item before the target is its input
+                    assert history[position] == target - 1
+                    targets.append(target)
+                    contexts.append(sum(h != split.n_items for h in history[: position + 1]))
+        assert sorted(targets) == list(range(1, 12))  # every training item but the first, once
+        seen[windows.stride] = contexts
+    # without overlap each window starts afresh (targets at a window's start see 1 item); with stride 2 a
+    # target sees at least max_len - stride + 1 = 3 items, except the user's first two
+    assert sum(c < 3 for c in seen[4]) == 6
+    assert sorted(seen[2])[:3] == [1, 2, 3]
+    with pytest.raises(ValueError, match="stride"):
+        TrainWindows(split, max_len=4, stride=5)
+
+
 def test_eval_rows_exclude_earlier_items():
     split = build_split(tiny_dataset())
     rows = EvalRows(split, "test", max_len=3)

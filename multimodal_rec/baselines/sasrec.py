@@ -71,7 +71,8 @@ class SASRec(Recommender):
     def __init__(self, dim: int = 64, layers: int = 2, heads: int = 2, dropout: float = 0.2, max_len: int = 50,
                  epochs: int = 100, lr: float = 2e-3, weight_decay: float = 0.0, batch_size: int = 64,
                  eval_every: int = 5, patience: int | None = 4, seed: int = 0, device: str | None = None,
-                 progress: bool = True):
+                 progress: bool = True, window_stride: int | None = None):
+        self.window_stride = window_stride
         self.dim, self.layers, self.heads, self.dropout, self.max_len = dim, layers, heads, dropout, max_len
         self.epochs, self.lr, self.weight_decay, self.batch_size = epochs, lr, weight_decay, batch_size
         self.eval_every, self.patience, self.seed, self.progress = eval_every, patience, seed, progress
@@ -85,7 +86,7 @@ class SASRec(Recommender):
         self.fit_popularity(split)
         self.net = SASRecNet(split.n_items, self.dim, self.layers, self.heads, self.dropout, self.max_len)
         self.net.to(self.device)
-        windows = TrainWindows(split, self.max_len)
+        windows = TrainWindows(split, self.max_len, self.window_stride)
         loader = DataLoader(windows, batch_size=self.batch_size, shuffle=True,
                             generator=torch.Generator().manual_seed(self.seed))
         optim = torch.optim.Adam(self.net.parameters(), lr=self.lr, betas=(0.9, 0.98), weight_decay=self.weight_decay)

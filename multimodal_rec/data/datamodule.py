@@ -42,12 +42,14 @@ class RecDataModule(pl.LightningDataModule):
         text_tokenizer: str = "minilm",
         max_text_len: int = 64,
         image_size: int = 224,
+        window_stride: int | None = None,
     ):
         super().__init__()
         self.name = name
         self.processed_dir = Path(processed_dir)
         self.source = source
         self.max_len, self.cold_item_fraction, self.seed = max_len, cold_item_fraction, seed
+        self.window_stride = window_stride
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.user_level_sampling = False  # set by training with privacy=dp
         self.text_tokenizer, self.max_text_len, self.image_size = text_tokenizer, max_text_len, image_size
@@ -78,7 +80,7 @@ class RecDataModule(pl.LightningDataModule):
         self.split = build_split(self.dataset, self.cold_item_fraction, self.seed)
         self.item_features = build_item_features(self.dataset, self.text_tokenizer, self.max_text_len)
         self.user_features = build_user_features(self.dataset)
-        self.train_set = TrainWindows(self.split, self.max_len)
+        self.train_set = TrainWindows(self.split, self.max_len, self.window_stride)
         self.eval_sets = {s: EvalRows(self.split, s, self.max_len) for s in ("val", "test", "val_cold", "test_cold")}
         log.info(
             "%s: %d users, %d items (%d cold), %d training windows, %d test users (+%d on cold items)",

@@ -30,10 +30,16 @@ class TrainWindows(Dataset):
 
     A sample predicts every item of the window from the items before it (teacher forcing), so
     each training interaction but the first of a user is a target exactly once per epoch.
+    With `stride` < max_len the windows overlap: each still holds max_len items, but only its last
+    `stride` are targets and the ones before are context, so a target sees at least max_len - stride
+    earlier items (all it has, near the start), as evaluation sees the last max_len. Still once a target.
     """
 
-    def __init__(self, split: Split, max_len: int):
-        self.max_len = max_len
+    def __init__(self, split: Split, max_len: int, stride: int | None = None):
+        stride = max_len if stride is None else stride
+        if not 1 <= stride <= max_len:
+            raise ValueError(f"window stride must be in [1, max_len={max_len}], got {stride}")
+        self.max_len, self.stride = max_len, stride
         self.pad = split.n_items
         mask = split.train_mask
         user_of = np.repeat(np.arange(split.n_users), split.lengths())
@@ -50,18 +56,20 @@ class TrainWindows(Dataset):
                 continue
             self.user_items[user], self.user_times[user] = items, times
             self.before_len = max(self.before_len, min(len(items) - 2, MAX_BEFORE))
-            for end in range(len(items), 1, -max_len):  # targets are items[start:end]
-                windows.append((user, max(end - max_len, 1), end))
-        self.windows = np.asarray(windows, dtype=np.int64).reshape(-1, 3)
+            for end in range(len(items), 1, -stride):  # inputs from items[start - 1], targets items[first:end]
+                windows.append((user, max(end - max_len, 1), max(end - stride, 1), end))
+        self.windows = np.asarray(windows, dtype=np.int64).reshape(-1, 4)
 
     def __len__(self) -> int:
         return len(self.windows)
 
     def __getitem__(self, index: int) -> dict:
-        user, start, end = (int(v) for v in self.windows[index])
+        user, start, first, end = (int(v) for v in self.windows[index])
         items, times = self.user_items[user], self.user_times[user]
         history = _left_pad(items[start - 1 : end - 1], self.max_len, self.pad)  # (L,)
-        targets = _left_pad(items[start:end], self.max_len, IGNORE_TARGET)  # (L,)
+        targets = items[start:end].copy()
+        targets[: first - start] = IGNORE_TARGET  # context only: an earlier window trains these
+        targets = _left_pad(targets, self.max_len, IGNORE_TARGET)  # (L,)
         hours = _left_pad(hour_of_day(times[start:end]), self.max_len, 0)  # (L,)
         sample = {
             "user": torch.tensor(user),
