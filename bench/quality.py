@@ -101,7 +101,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="a run per seed; the table averages them")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for the multimodal model (data.* ones for every model)")
+    parser.add_argument("overrides", nargs="*",
+                        help="extra Hydra overrides for the multimodal model (data.* ones for every model)")
     args = parser.parse_args()
     base = data_overrides(args.data)
     if args.child:
