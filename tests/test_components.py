@@ -115,6 +115,21 @@ def test_history_encoders_are_causal():
         encoder(torch.randn(1, 7, 8), torch.ones(1, 7, dtype=torch.bool), None, torch.zeros(1, 7).long())
 
 
+def test_history_item_dropout_removes_whole_items_in_training_only():
+    torch.manual_seed(0)
+    encoder = HistoryEncoder(8, use_profile=False, use_context=False, dropout=0.0, item_dropout=0.5)
+    items, mask = torch.randn(64, 6, 8), torch.ones(64, 6, dtype=torch.bool)
+    seen = []
+    encoder.rnn.register_forward_hook(lambda module, args, out: seen.append(args[0].detach()))
+    encoder.train()(items, mask)
+    zeroed = (seen[-1] == 0).all(-1)  # (B, L) whole item vectors
+    assert 0.35 < zeroed.float().mean() < 0.65 and ((seen[-1] == 0).any(-1) == zeroed).all()
+    encoder.eval()(items, mask)
+    torch.testing.assert_close(seen[-1], items)  # full rows, no padding to move
+    with pytest.raises(ValueError, match="item_dropout"):
+        HistoryEncoder(8, item_dropout=1.0)
+
+
 def test_ranker_starts_as_retrieval_order():
     ranker = Ranker(8)
     retrieval = torch.randn(3, 5)

@@ -49,8 +49,12 @@ class CausalSelfAttention(nn.Module):
 class HistoryEncoder(nn.Module):
     def __init__(self, dim: int, hidden: int | None = None, rnn: str = "gru", num_layers: int = 1,
                  dropout: float = 0.1, user_categorical_sizes: tuple = (), n_user_numeric: int = 0,
-                 use_profile: bool = True, use_context: bool = True, heads: int = 2, max_len: int = 200):
+                 use_profile: bool = True, use_context: bool = True, heads: int = 2, max_len: int = 200,
+                 item_dropout: float = 0.0):
         super().__init__()
+        if not 0.0 <= item_dropout < 1.0:
+            raise ValueError(f"item_dropout must be in [0, 1), got {item_dropout}")
+        self.item_dropout = item_dropout
         if rnn not in SEQUENCE_MODELS:
             raise ValueError(f"rnn must be one of {SEQUENCE_MODELS}, got {rnn!r}")
         hidden = hidden or dim
@@ -92,6 +96,9 @@ class HistoryEncoder(nn.Module):
                 context_hour: torch.Tensor | None = None) -> torch.Tensor:
         """items (B, L, d) item vectors, mask (B, L) real positions, profile {"categorical": (B, c),
         "numeric": (B, n)}, context_hour (B, L) or (B,) -> queries (B, L, d) at every position."""
+        if self.training and self.item_dropout > 0:  # whole items out of the history, so that it cannot be memorised
+            keep = torch.rand(items.shape[:2], device=items.device) >= self.item_dropout
+            items = items * keep.unsqueeze(-1).to(items.dtype)
         states = self._run_sequence_model(self.input_dropout(items), mask)  # (B, L, h)
         parts = [states]
         if self.profile is not None:
