@@ -6,6 +6,7 @@ table for the warm test users and one for the cold-start items, and writes both 
     python bench/quality.py                                   # ml100k_mm (needs ../shared/data)
     python bench/quality.py --models popularity item_knn sasrec multimodal
     python bench/quality.py --models sasrec multimodal --seeds 0 1 2 3 4   # mean (and sd of NDCG@10) of seeds
+    python bench/quality.py --models sasrec -- baseline.sasrec.dim=128      # a baseline's own settings
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ def run_baseline(name: str, base: list[str], out: Path, seed: int, extra: list[s
         settings.seed = seed
     if settings.get("window_stride", "absent") is None:  # the sequence baseline trains on the model's windows
         settings.window_stride = cfg.data.window_stride
+    prefix = f"baseline.{name}."  # e.g. baseline.sasrec.dim=128
+    own = [o[len(prefix):] for o in extra if o.startswith(prefix)]
+    settings = OmegaConf.merge(settings, OmegaConf.from_dotlist(own))
     baseline = hydra.utils.instantiate(settings)
     started = time.time()
     baseline.fit(datamodule.split, item_vectors)
@@ -70,6 +74,7 @@ def run_baseline(name: str, base: list[str], out: Path, seed: int, extra: list[s
 
 
 def run_multimodal(base: list[str], out: Path, extra: list[str], seed: int) -> dict:
+    extra = [o for o in extra if not o.startswith("baseline.")]  # the baselines' own settings
     result = train(train_config(out, [*base, f"seed={seed}", *extra]))
     return {"metrics": result["metrics"], "seconds": result["seconds"], "epochs": result["epochs"]}
 
@@ -102,7 +107,8 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*",
-                        help="extra Hydra overrides for the multimodal model (data.* ones for every model)")
+                        help="extra Hydra overrides for the multimodal model; data.* ones for every model, "
+                             "baseline.<name>.* ones for that baseline (its conf/baseline/<name>.yaml)")
     args = parser.parse_args()
     base = data_overrides(args.data)
     if args.child:
