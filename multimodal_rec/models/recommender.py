@@ -201,7 +201,8 @@ class MultimodalRecommender(pl.LightningModule):
         sink = torch.cat([similarity, similarity.new_zeros(len(similarity), 1)], dim=1)  # column `pad` absorbs pads
         similarity = sink.scatter(1, seen, float("-inf"))
         if "before" in batch:  # (B, K) left-padded items before the window (TrainWindows.carry_before)
-            earlier = torch.zeros_like(similarity, dtype=torch.bool)[: len(history)].scatter_(1, batch["before"], True)
+            earlier = similarity.new_zeros((len(history), similarity.shape[1]), dtype=torch.bool)
+            earlier.scatter_(1, batch["before"], True)  # (B, N + 1)
             similarity = similarity.masked_fill(earlier[torch.nonzero(valid, as_tuple=True)[0]], float("-inf"))
         return similarity[:, : self.n_items].scatter(1, positives[:, None], target_scores)
 

@@ -213,18 +213,18 @@ def rank(artifacts: Artifacts, query: Query, item_ids: list[int]) -> dict:
     return answer
 
 
-def similar(artifacts: Artifacts, item_id: int, k: int) -> dict:
-    rows, unknown = artifacts.rows([item_id])
-    if unknown:
-        raise RequestError(404, f"unknown item id {item_id}", unknown_item_ids=unknown)
+def similar(artifacts: Artifacts, row: int, k: int) -> dict:
+    """The k items nearest to the item at `row` (a row the caller found: service.similar)."""
+    row = int(row)
+    rows = np.array([row], dtype=np.int64)
     vector = np.zeros(artifacts.dim, dtype=np.float32)  # the bias column (if any) stays 0: pure cosine
-    vector[: artifacts.item_dim] = artifacts.tower_vectors(rows[:1])[0]
+    vector[: artifacts.item_dim] = artifacts.tower_vectors(rows)[0]
     query = Query(vector, rows, "history")
-    excluded = {int(rows[0])} | artifacts.withdrawn
+    excluded = {row} | artifacts.withdrawn
     if artifacts.score == "cosine":  # unit vectors: the inner-product index ranks by cosine
         found, scores = _retrieve(artifacts, query, k, None, excluded)
     else:
-        found, scores = _exact_cosine(artifacts, int(rows[0]), k, excluded)
+        found, scores = _exact_cosine(artifacts, row, k, excluded)
     return _answer(artifacts, query, found, scores, scores)
 
 

@@ -103,7 +103,7 @@ class RecommenderService:
         row = known_item_row(artifacts, item_id)
         if row in artifacts.withdrawn:
             raise RequestError(410, f"item {item_id} was withdrawn", withdrawn_item_ids=[item_id])
-        return answer_out(artifacts.shop_ids, engine.similar(artifacts, int(artifacts.item_ids[row]), k))
+        return answer_out(artifacts.shop_ids, engine.similar(artifacts, row, k))
 
     @staticmethod
     def _exists(artifacts: Artifacts, item_id) -> bool:
