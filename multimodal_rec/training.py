@@ -1,4 +1,8 @@
-"""The training run behind train.py: data -> model -> fit -> test on the best checkpoint -> metrics.json."""
+"""The training run behind train.py: data -> model -> fit -> test on the best checkpoint -> metrics.json.
+
+With `refit=true` the run then trains the same model again from scratch on the training and validation
+targets, for as many epochs as validation chose, and tests that model (the test target is never trained on).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from multimodal_rec.embeddings import write_json_atomic
 
@@ -25,6 +29,9 @@ def train(cfg: DictConfig) -> dict:
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
     callbacks = [hydra.utils.instantiate(c) for c in cfg.get("callbacks", {}).values()]
     private = model.privacy is not None
+    if private and cfg.get("refit"):
+        raise ValueError("refit=true chooses its epochs on validation, privacy=dp trains for the planned steps "
+                         "without looking at it: use one or the other")
     if private:  # choosing an epoch by validation would be a selection on user data the guarantee does not cover
         datamodule.user_level_sampling = True
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.EarlyStopping)]
@@ -40,6 +47,17 @@ def train(cfg: DictConfig) -> dict:
     if cfg.get("test"):
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         metrics.update(model.test_metrics)
+    refit = None
+    if cfg.get("refit"):
+        if not best:
+            raise ValueError("refit=true needs the best checkpoint by validation (callbacks.model_checkpoint)")
+        refit = {"selected_checkpoint": best, "test_before_refit": {k: v for k, v in metrics.items()
+                                                                     if k.startswith("test")}}
+        trainer, model, datamodule, best = _refit(cfg, best)
+        refit["epochs"] = trainer.current_epoch
+        if cfg.get("test"):
+            trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True)
+            metrics.update(model.test_metrics)
     result = {
         "metrics": metrics,
         "best_checkpoint": best,
@@ -48,6 +66,8 @@ def train(cfg: DictConfig) -> dict:
         "data": datamodule.name,
         "data_fingerprint": datamodule.fingerprint,
     }
+    if refit:
+        result["refit"] = refit
     if private:
         result["privacy"] = model.privacy.report()
         log.info("privacy: %s", result["privacy"])
@@ -55,6 +75,31 @@ def train(cfg: DictConfig) -> dict:
         write_json_atomic(Path(cfg.paths.output_dir) / "metrics.json", result)
     log.info("metrics: %s", json.dumps(metrics, indent=1))
     return result
+
+
+def _refit(cfg: DictConfig, selected: str) -> tuple:
+    """Trains the configured model from scratch with the validation targets in the training data, for the
+    epochs of the `selected` checkpoint, with the configured callbacks but those that read validation;
+    returns (trainer, model, datamodule, path of its last checkpoint)."""
+    from multimodal_rec.models.loading import read_checkpoint
+
+    epochs = int(read_checkpoint(selected)["epoch"]) + 1
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.data.train_on_validation = True
+    log.info("refit: training again on training + validation targets for %d epochs", epochs)
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    model = hydra.utils.instantiate(cfg.model)(datamodule=datamodule)
+    model.run_config = OmegaConf.to_container(cfg, resolve=True)  # export rebuilds the refit's data from it
+    out = Path(cfg.paths.output_dir) / "refit"
+    callbacks = [c for c in (hydra.utils.instantiate(c) for c in cfg.get("callbacks", {}).values())
+                 if not isinstance(c, (pl.callbacks.ModelCheckpoint, pl.callbacks.EarlyStopping))]
+    callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=out / "checkpoints", filename="last", monitor=None))
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, max_epochs=epochs, limit_val_batches=0,
+                                                  callbacks=callbacks, logger=pl.loggers.CSVLogger(out, name="csv"))
+    trainer.fit(model, datamodule=datamodule)
+    return trainer, model, datamodule, trainer.checkpoint_callback.best_model_path
 
 
 def retest(output_dir: str | Path, expect: dict | None = None) -> dict:

@@ -45,6 +45,17 @@ def test_leave_one_out_with_ties_and_short_users():
     assert split.train_interactions()["user"].tolist() == [0, 0, 0, 1]
 
 
+def test_train_on_validation_trains_the_validation_target_and_never_the_test_target():
+    split = build_split(tiny_dataset(), train_on_validation=True)
+    np.testing.assert_array_equal(split.train_sequence(0), [4, 1, 0, 2])  # + item 13, the validation target
+    np.testing.assert_array_equal(split.train_sequence(1), [1])  # two items: no validation target, as before
+    _, tests = split.targets("test")
+    for user, target in enumerate(tests):  # each user's last interaction stays out of training
+        trained = split.train_mask[split.offsets[user] : split.offsets[user + 1]]
+        assert not trained[-1] and split.sequence(user)[-1] == target
+    np.testing.assert_array_equal(split.history(0, "test"), [4, 1, 0, 2])  # what evaluation reads is unchanged
+
+
 def test_cold_items_leave_training_and_are_reported_apart():
     data = tiny_dataset()
     split = build_split(data, cold_item_fraction=0.2, seed=3)

@@ -115,6 +115,30 @@ def test_retest_reproduces_the_test_metrics_of_the_run(tmp_path):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["retested"] == again["retested"]
 
 
+def test_refit_trains_again_on_validation_targets_for_the_chosen_epochs(tmp_path):
+    from multimodal_rec.models.loading import read_checkpoint, restore_model
+
+    result = run_train(tmp_path, "run", "trainer.fast_dev_run=false", "trainer.max_epochs=2",
+                       "trainer.limit_train_batches=2", "refit=true")
+    refit = result["refit"]
+    selected = read_checkpoint(refit["selected_checkpoint"])
+    final = read_checkpoint(result["best_checkpoint"])
+    assert Path(result["best_checkpoint"]).parent == tmp_path / "run" / "refit" / "checkpoints"
+    assert final["epoch"] == selected["epoch"] == refit["epochs"] - 1  # as many epochs as validation chose
+    assert final["multimodal_rec"]["config"]["data"]["train_on_validation"] is True
+    assert result["data_fingerprint"].endswith("-trainval") and "test/ndcg@10" in result["metrics"]
+    assert set(refit["test_before_refit"]) == {k for k in result["metrics"] if k.startswith("test")}
+    model, datamodule, _ = restore_model(tmp_path / "run")  # export rebuilds the refit's data from its config
+    assert datamodule.split.train_on_validation and model.data_fingerprint == result["data_fingerprint"]
+
+
+def test_refit_refuses_differential_privacy(tmp_path):
+    command = [sys.executable, str(PROJECT_ROOT / "train.py"), "debug=fast", "privacy=dp", "refit=true",
+               f"hydra.run.dir={tmp_path / 'run'}", f"data.processed_dir={tmp_path / 'data'}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "use one or the other" in done.stderr
+
+
 @pytest.mark.slow
 def test_optuna_search_tunes_on_validation(tmp_path):
     """The search space file runs under Hydra's Optuna sweeper (here two one-batch trials on the tiny shop, the

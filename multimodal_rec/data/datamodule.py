@@ -43,13 +43,14 @@ class RecDataModule(pl.LightningDataModule):
         max_text_len: int = 64,
         image_size: int = 224,
         window_stride: int | None = None,
+        train_on_validation: bool = False,
     ):
         super().__init__()
         self.name = name
         self.processed_dir = Path(processed_dir)
         self.source = source
         self.max_len, self.cold_item_fraction, self.seed = max_len, cold_item_fraction, seed
-        self.window_stride = window_stride
+        self.window_stride, self.train_on_validation = window_stride, train_on_validation
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.user_level_sampling = False  # set by training with privacy=dp
         self.text_tokenizer, self.max_text_len, self.image_size = text_tokenizer, max_text_len, image_size
@@ -77,7 +78,7 @@ class RecDataModule(pl.LightningDataModule):
         if self.split is not None:
             return
         self.dataset = load_dataset(self.processed_dir)
-        self.split = build_split(self.dataset, self.cold_item_fraction, self.seed)
+        self.split = build_split(self.dataset, self.cold_item_fraction, self.seed, self.train_on_validation)
         self.item_features = build_item_features(self.dataset, self.text_tokenizer, self.max_text_len)
         self.user_features = build_user_features(self.dataset)
         self.train_set = TrainWindows(self.split, self.max_len, self.window_stride)
@@ -92,7 +93,8 @@ class RecDataModule(pl.LightningDataModule):
     def fingerprint(self) -> str:
         """Data + split: what a checkpoint or a feature cache must match."""
         assert self.dataset is not None, "call setup() first"
-        return f"{self.dataset.fingerprint}-cold{self.cold_item_fraction}-seed{self.seed}"
+        trained = "-trainval" if self.train_on_validation else ""  # a refit trained on other interactions
+        return f"{self.dataset.fingerprint}-cold{self.cold_item_fraction}-seed{self.seed}{trained}"
 
     def rank_and_world_size(self) -> tuple[int, int]:
         """(rank, number of processes) of the attached Trainer, else of torch.distributed, else (0, 1)."""

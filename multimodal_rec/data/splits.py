@@ -4,6 +4,9 @@ Per user, interactions are ordered by timestamp, ties broken by item id. The las
 target, the second-to-last the validation target, the rest the training history. A user with two
 interactions has no validation target; a user with one has only a test target.
 
+With `train_on_validation` the validation targets join the training split (only the test target is held
+out): the refit of a model whose epochs were chosen on validation, as a shop trains on all it has.
+
 Optionally a seeded fraction of items is held out as cold-start items: they are removed from every
 training sequence (so no model sees them in training) and validation/test targets that hit them
 are reported apart (`stage="test_cold"`), as DESIGN.md asks.
@@ -34,6 +37,7 @@ class Split:
     items: np.ndarray  # (n_interactions,) item index, per user in time order
     timestamps: np.ndarray  # (n_interactions,) int64 seconds, aligned with `items`
     cold_items: np.ndarray  # (n_cold,) sorted item indices never seen in training
+    train_on_validation: bool = False  # the validation targets are training interactions too (refit)
 
     def sequence(self, user: int) -> np.ndarray:
         return self.items[self.offsets[user] : self.offsets[user + 1]]
@@ -45,7 +49,8 @@ class Split:
         return np.isin(items, self.cold_items)
 
     def train_sequence(self, user: int) -> np.ndarray:
-        """Training history of a user: all but the validation and test targets, cold items removed."""
+        """Training history of a user: all but the validation (unless trained on) and test targets, cold
+        items removed."""
         lo, hi = self.offsets[user], self.offsets[user + 1]
         return self.items[lo:hi][self.train_mask[lo:hi]]
 
@@ -53,7 +58,9 @@ class Split:
     def train_mask(self) -> np.ndarray:
         """(n_interactions,) True where an interaction belongs to the training split."""
         lengths = self.lengths()
-        held = np.where(lengths >= 3, 2, np.minimum(lengths, 1))
+        held = np.minimum(lengths, 1)  # the test target
+        if not self.train_on_validation:
+            held = np.where(lengths >= 3, 2, held)  # and the validation target
         user_of = np.repeat(np.arange(self.n_users), lengths)
         position = np.arange(len(self.items)) - self.offsets[user_of]
         mask = position < (lengths - held)[user_of]
@@ -108,7 +115,8 @@ class Split:
         )
 
 
-def build_split(data: CanonicalDataset, cold_item_fraction: float = 0.0, seed: int = 0) -> Split:
+def build_split(data: CanonicalDataset, cold_item_fraction: float = 0.0, seed: int = 0,
+                train_on_validation: bool = False) -> Split:
     """Orders each user's interactions by (timestamp, item id) and indexes them densely."""
     if not 0.0 <= cold_item_fraction < 1.0:
         raise ValueError(f"cold_item_fraction must be in [0, 1), got {cold_item_fraction}")
@@ -139,4 +147,5 @@ def build_split(data: CanonicalDataset, cold_item_fraction: float = 0.0, seed: i
         items=frame["item"].to_numpy(dtype=np.int64),
         timestamps=frame["timestamp"].to_numpy(dtype=np.int64),
         cold_items=cold.astype(np.int64),
+        train_on_validation=train_on_validation,
     )
