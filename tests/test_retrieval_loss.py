@@ -30,11 +30,13 @@ def tiny_model(shop_dir, **settings) -> tuple[MultimodalRecommender, dict]:
     return model, batch
 
 
-def hand_full_softmax(model: MultimodalRecommender, batch: dict, scale: float, mask_seen: bool = False) -> float:
+def hand_full_softmax(model: MultimodalRecommender, batch: dict, scale: float, mask_seen: bool = False,
+                      vectors: torch.Tensor | None = None) -> float:
     """Mean over every target of -log softmax(scale * q . v) over the items seen in training, term by term;
-    with mask_seen, without the window's items up to the position (the target excepted)."""
+    with mask_seen, without the window's items up to the position (the target excepted); `vectors`: score
+    these candidate vectors instead of the model's (the queries stay the model's)."""
     with torch.no_grad():
-        vectors, _ = model.all_item_embeddings()
+        vectors = model.all_item_embeddings()[0] if vectors is None else vectors
         queries = model.queries(batch["history"], batch["user"], batch["context_hour"])
         trained = [i for i in range(model.n_items) if not model.untrained_items[i]]
         losses = []
@@ -73,6 +75,20 @@ def test_mask_seen_leaves_each_positions_earlier_items_out_of_its_softmax(tiny_s
     repeat["targets"][row, position] = repeat["history"][row, position]
     with torch.no_grad():
         assert math.isfinite(float(model.training_step(repeat, 0)))
+
+
+def test_content_loss_adds_a_softmax_over_every_items_content_only_vector(tiny_shop_dir):
+    base, batch = tiny_model(tiny_shop_dir, loss="full", score="dot")
+    model, _ = tiny_model(tiny_shop_dir, loss="full", score="dot", content_loss_weight=0.5)
+    with torch.no_grad():
+        extra = float(model.training_step(batch, 0)) - float(base.training_step(batch, 0))
+        inputs = dict(model.items(torch.arange(model.n_items)))
+        inputs["known"] = torch.zeros_like(inputs["known"])  # every item as a cold one: the unknown ID
+        content_only = model.item_tower(inputs)
+    assert not torch.allclose(content_only, model.all_item_embeddings()[0])
+    assert extra == pytest.approx(0.5 * hand_full_softmax(model, batch, 1.0, vectors=content_only), rel=1e-4)
+    with pytest.raises(ValueError, match="full softmax"):
+        tiny_model(tiny_shop_dir, loss="sampled", content_loss_weight=0.5)
 
 
 def test_cold_items_get_no_gradient_from_the_full_softmax(tiny_shop_dir):

@@ -51,7 +51,8 @@ class MultimodalRecommender(pl.LightningModule):
                  rerank_top: int = 50, ranker_weight: float = 1.0, ranker_positions: int = 512,
                  encoder_lr_scale: float = 0.1, item_bias: bool = False, loss: str = "auto",
                  full_softmax_max_items: int = FULL_SOFTMAX_MAX_ITEMS, score: str = "cosine",
-                 ks: tuple = (10, 20), privacy: dict | None = None, mask_seen: bool = False):
+                 ks: tuple = (10, 20), privacy: dict | None = None, mask_seen: bool = False,
+                 content_loss_weight: float = 0.0):
         # score defaults to cosine here (conf/model says dot): checkpoints saved before the choice rebuild as they
         # were trained
         super().__init__()
@@ -63,6 +64,8 @@ class MultimodalRecommender(pl.LightningModule):
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
         self.n_items, self.pad = bundle.n_items, bundle.n_items
         self.full_softmax = loss == "full" or (loss == "auto" and bundle.n_items <= full_softmax_max_items)
+        if content_loss_weight > 0 and not self.full_softmax:
+            raise ValueError("content_loss_weight needs the full softmax (loss=full): it scores every item's content")
         # cosine: logits = cos / temperature; dot: logits = q . v, the vectors' norms carry the scale
         self.logit_scale = 1.0 / temperature if score == "cosine" else 1.0
         self.items, self.users = bundle.item_inputs, bundle.user_inputs
@@ -171,6 +174,10 @@ class MultimodalRecommender(pl.LightningModule):
         retrieval_loss = F.cross_entropy(logits if correction is None else logits - correction, labels)
         loss = retrieval_loss
         self.log("train/retrieval_loss", retrieval_loss, prog_bar=True, batch_size=len(positives))
+        if self.hparams.content_loss_weight > 0:
+            content_loss = self._content_only_loss(queries, positives)
+            loss = loss + self.hparams.content_loss_weight * content_loss
+            self.log("train/content_loss", content_loss, batch_size=len(positives))
         if self.ranker is not None:
             ranker_loss = self._ranker_loss(queries.detach(), cand_vectors.detach(), similarity.detach(), labels,
                                             correction)
@@ -188,6 +195,18 @@ class MultimodalRecommender(pl.LightningModule):
         if self.hparams.mask_seen:
             similarity = self._mask_seen(similarity, batch, valid, positives)
         return queries, all_vectors, similarity, positives, None
+
+    def _content_only_loss(self, queries: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+        """Full softmax over every trained item's content-only vector (its ID unknown, as a cold item's is): the
+        content learns to rank on its own, among items that all lack IDs, which is how cold items meet."""
+        index = torch.arange(self.n_items, device=self.device)
+        inputs = dict(self.items(index))
+        inputs["known"] = torch.zeros_like(inputs["known"])
+        raw = self.item_tower(inputs)
+        vectors = retrieval_vectors(raw, self.hparams.score)
+        biases = 0.0 if self.bias_head is None else self.bias_head(raw)
+        similarity = (queries @ vectors.T + biases).masked_fill(self.untrained_items, float("-inf"))
+        return F.cross_entropy(similarity * self.logit_scale, positives)
 
     def _mask_seen(self, similarity: torch.Tensor, batch: dict, valid: torch.Tensor,
                    positives: torch.Tensor) -> torch.Tensor:
