@@ -1,7 +1,10 @@
 """Ranking quality as a shop's client sees it: every user's history sent to `/recommend` over HTTP.
 
-    python train.py experiment=ml100k_mm data.cold_item_fraction=0 hydra.run.dir=logs/train/ml100k_mm_all
-    python bench/serve_quality.py --run logs/train/ml100k_mm_all --artifacts artifacts/ml100k_mm_all
+    python train.py experiment=ml100k_mm_serve hydra.run.dir=logs/train/ml100k_mm_serve
+    python bench/serve_quality.py --run logs/train/ml100k_mm_serve --artifacts artifacts/ml100k_mm_serve
+
+(`experiment=ml100k_mm_serve`: the benchmark's model on all items, refit with the validation targets; any run
+folder works, e.g. `experiment=ml100k_mm data.cold_item_fraction=0` without the refit.)
 
 Exports the run and builds a flat (exact) index with the project's own commands when `--artifacts` has none,
 starts `python serve.py` on loopback, and for each user sends the whole history but the last interaction

@@ -132,6 +132,21 @@ def test_refit_trains_again_on_validation_targets_for_the_chosen_epochs(tmp_path
     assert datamodule.split.train_on_validation and model.data_fingerprint == result["data_fingerprint"]
 
 
+def test_the_served_experiment_is_the_benchmarks_model_on_all_items_refit():
+    from hydra import compose, initialize_config_dir
+
+    from multimodal_rec.config import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        bench = compose("train", overrides=["experiment=ml100k_mm"])
+        served = compose("train", overrides=["experiment=ml100k_mm_serve"])
+    assert served.refit and not bench.refit
+    assert served.data.cold_item_fraction == 0 and bench.data.cold_item_fraction == 0.1
+    assert served.model.recommender.mask_seen and not bench.model.recommender.mask_seen
+    assert served.model.recommender.history_encoder == bench.model.recommender.history_encoder
+    assert served.model.recommender.dim == bench.model.recommender.dim
+
+
 def test_refit_refuses_differential_privacy(tmp_path):
     command = [sys.executable, str(PROJECT_ROOT / "train.py"), "debug=fast", "privacy=dp", "refit=true",
                f"hydra.run.dir={tmp_path / 'run'}", f"data.processed_dir={tmp_path / 'data'}"]
