@@ -1,0 +1,67 @@
+"""What cold-start hits cost warm users when cold items are pushed up: the trade-off of a score offset.
+
+    python bench/cold_tradeoff.py --runs logs/bench/dim128_wide/full_id_image_text_attributes_seed*
+
+For each trained run (a folder with metrics.json, trained with cold items held out) it scores the warm and the
+cold-start test users as evaluation does, then again with `offset` added to every cold item's score (items
+never trained on: their vectors come from content alone), and prints the mean over the runs per offset:
+warm NDCG@10 / HR@10 against cold NDCG@10 / HR@10. Offset 0 is the model as trained and served.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import machine, markdown_table  # noqa: E402
+from multimodal_rec.evaluation.protocol import evaluate  # noqa: E402
+from multimodal_rec.models.loading import restore_model  # noqa: E402
+
+OFFSETS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
+COLUMNS = ("warm ndcg@10", "warm hr@10", "cold ndcg@10", "cold hr@10")
+
+
+@torch.no_grad()
+def tradeoff(run: Path, offsets: tuple[float, ...]) -> list[dict]:
+    """One row per offset for one run."""
+    best = json.loads((run / "metrics.json").read_text())["best_checkpoint"]
+    model, datamodule, _ = restore_model(best)
+    datamodule.setup()
+    split = datamodule.split
+    if not len(split.cold_items):
+        raise SystemExit(f"{run} was trained without cold items (data.cold_item_fraction=0): nothing to trade")
+    vectors, biases = model.all_item_embeddings()
+    cold = torch.zeros(split.n_items)
+    cold[torch.as_tensor(split.cold_items)] = 1.0
+    rows = []
+    for offset in offsets:
+        def score(batch, offset=offset):
+            return model.score_batch(batch, vectors, biases)["retrieval"] + offset * cold
+
+        row = {"offset": f"{offset:g}"}
+        for stage, name in (("test", "warm"), ("test_cold", "cold")):
+            metrics = evaluate(score, split, stage, datamodule.max_len)
+            row[f"{name} ndcg@10"], row[f"{name} hr@10"] = metrics["ndcg@10"], metrics["hr@10"]
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=Path, nargs="+", required=True, help="training run folders (metrics.json)")
+    parser.add_argument("--offsets", type=float, nargs="+", default=list(OFFSETS))
+    args = parser.parse_args()
+    per_run = [tradeoff(run, tuple(args.offsets)) for run in args.runs]
+    rows = [{"offset": group[0]["offset"], **{c: sum(r[c] for r in group) / len(group) for c in COLUMNS}}
+            for group in zip(*per_run)]
+    print(f"\nCold items' scores + offset, mean of {len(per_run)} runs ({machine()})\n")
+    print(markdown_table(rows, COLUMNS, first="offset"))
+
+
+if __name__ == "__main__":
+    main()
