@@ -7,6 +7,10 @@ table for the warm test users and one for the cold-start items, and writes both 
     python bench/quality.py --models popularity item_knn sasrec multimodal
     python bench/quality.py --models sasrec multimodal --seeds 0 1 2 3 4   # mean (and sd of NDCG@10) of seeds
     python bench/quality.py --models sasrec -- baseline.sasrec.dim=128      # a baseline's own settings
+    python bench/quality.py --models sasrec --refit -- data.cold_item_fraction=0   # as experiment=ml100k_mm_serve
+
+`--refit` reports every model trained again with the validation targets after its selection on validation
+(train.py's `refit=true`): a model trained by epochs for its best epoch, the others on the larger data.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ MODELS = ("popularity", "user_knn", "item_knn", "bpr_mf", "content", "dnn", "sas
 STAGES = ("test", "test_cold")
 
 
-def run_baseline(name: str, base: list[str], out: Path, seed: int, extra: list[str]) -> dict:
+def run_baseline(name: str, base: list[str], out: Path, seed: int, extra: list[str], refit: bool = False) -> dict:
     import hydra
     from omegaconf import OmegaConf
 
@@ -64,24 +68,37 @@ def run_baseline(name: str, base: list[str], out: Path, seed: int, extra: list[s
     baseline = hydra.utils.instantiate(settings)
     started = time.time()
     baseline.fit(datamodule.split, item_vectors)
+    split, metrics = datamodule.split, {}
+    if refit:  # the selected model's test metrics too, as train.py keeps them
+        values = baseline.evaluate(split, "test", max_len=datamodule.max_len)
+        metrics.update({f"before_refit/test/{k}": v for k, v in values.items()})
+        from multimodal_rec.data.splits import build_split
+
+        split = build_split(datamodule.dataset, datamodule.cold_item_fraction, datamodule.seed,
+                            train_on_validation=True)
+        if getattr(baseline, "best_epoch", -1) > 0:  # chosen on validation: now as many epochs, none checked
+            settings = OmegaConf.merge(settings, {"epochs": baseline.best_epoch, "eval_every": 0})
+        baseline = hydra.utils.instantiate(settings)
+        baseline.fit(split, item_vectors)
     seconds = time.time() - started
-    metrics = {}
     for stage in STAGES:
         if len(datamodule.eval_sets[stage]):
-            values = baseline.evaluate(datamodule.split, stage, max_len=datamodule.max_len)
+            values = baseline.evaluate(split, stage, max_len=datamodule.max_len)
             metrics.update({f"{stage}/{k}": v for k, v in values.items()})
     return {"metrics": metrics, "seconds": round(seconds, 1)}
 
 
-def run_multimodal(base: list[str], out: Path, extra: list[str], seed: int) -> dict:
+def run_multimodal(base: list[str], out: Path, extra: list[str], seed: int, refit: bool = False) -> dict:
     extra = [o for o in extra if not o.startswith("baseline.")]  # the baselines' own settings
-    result = train(train_config(out, [*base, f"seed={seed}", *extra]))
-    return {"metrics": result["metrics"], "seconds": result["seconds"], "epochs": result["epochs"]}
+    result = train(train_config(out, [*base, f"seed={seed}", f"refit={refit}", *extra]))
+    before = result.get("refit", {}).get("test_before_refit", {})
+    metrics = {**result["metrics"], **{f"before_refit/{k}": v for k, v in before.items()}}
+    return {"metrics": metrics, "seconds": result["seconds"], "epochs": result["epochs"]}
 
 
-def child(name: str, base: list[str], out: Path, extra: list[str], seed: int) -> None:
-    result = (run_multimodal(base, out, extra, seed) if name == "multimodal"
-              else run_baseline(name, base, out, seed, extra))
+def child(name: str, base: list[str], out: Path, extra: list[str], seed: int, refit: bool) -> None:
+    result = (run_multimodal(base, out, extra, seed, refit) if name == "multimodal"
+              else run_baseline(name, base, out, seed, extra, refit))
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -89,7 +106,7 @@ def child(name: str, base: list[str], out: Path, extra: list[str], seed: int) ->
 def run_child(args, name: str, seed: int) -> dict | None:
     """One model and seed in its own process (its own training time and peak memory)."""
     command = [sys.executable, __file__, "--data", args.data, "--out", str(args.out), "--child", name,
-               "--seed", str(seed), *args.overrides]
+               "--seed", str(seed), *(["--refit"] if args.refit else []), *args.overrides]
     done = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
@@ -104,6 +121,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--out", default=Path("logs/bench/quality"), type=Path)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="a run per seed; the table averages them")
+    parser.add_argument("--refit", action="store_true",
+                        help="train each model again with the validation targets for the epochs it chose")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*",
@@ -112,7 +131,7 @@ def main() -> None:
     args = parser.parse_args()
     base = data_overrides(args.data)
     if args.child:
-        child(args.child, base, args.out / f"{args.child}_seed{args.seed}", args.overrides, args.seed)
+        child(args.child, base, args.out / f"{args.child}_seed{args.seed}", args.overrides, args.seed, args.refit)
         return
     rows = {stage: [] for stage in STAGES}
     for name in args.models:
@@ -129,8 +148,12 @@ def main() -> None:
             "peak MiB": round(max(r["peak_rss_mib"] for r in results))})
         print(f"{name}: test ndcg@10 {rows['test'][-1]['ndcg@10']:.4f} (per seed {[round(x, 4) for x in ndcg]}, "
               f"{rows['test'][-1]['train s']} s)", flush=True)
-    print_tables(rows, f"Quality on {args.data}: test split, full ranking, all users, mean of seeds {args.seeds}",
-                 ("ndcg@10 sd", "seeds", "train s", "peak MiB"))
+        if args.refit:
+            print(f"{name}: before the refit, test ndcg@10 {metrics.get('before_refit/test/ndcg@10', float('nan')):.4f}"
+                  f" hr@10 {metrics.get('before_refit/test/hr@10', float('nan')):.4f}", flush=True)
+    refit = ", each model refit with the validation targets" if args.refit else ""
+    title = f"Quality on {args.data}{refit}: test split, full ranking, all users, mean of seeds {args.seeds}"
+    print_tables(rows, title, ("ndcg@10 sd", "seeds", "train s", "peak MiB"))
     write_json_atomic(args.out / "quality.json", rows)
 
 
