@@ -102,10 +102,14 @@ class MultimodalRecommender(pl.LightningModule):
             self.automatic_optimization = False
 
     # ---- towers ---------------------------------------------------------------------------------------
-    def item_embeddings(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def item_embeddings(self, index: torch.Tensor, content_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """index (B,) -> (item vectors (B, d): unit for cosine, raw for dot; retrieval biases (B,), added to
-        the similarity before the logit scale; zeros without item_bias)."""
-        raw = self.item_tower(self.items(index))
+        the similarity before the logit scale; zeros without item_bias). `content_only`: every ID taken as
+        unknown, as a cold item's is."""
+        inputs = self.items(index)
+        if content_only:
+            inputs = {**inputs, "known": torch.zeros_like(inputs["known"])}
+        raw = self.item_tower(inputs)
         vectors = retrieval_vectors(raw, self.hparams.score)
         return vectors, (raw.new_zeros(len(raw)) if self.bias_head is None else self.bias_head(raw))
 
@@ -113,10 +117,10 @@ class MultimodalRecommender(pl.LightningModule):
         """index (B,) -> item vectors (B, d), as retrieval scores them."""
         return self.item_embeddings(index)[0]
 
-    def all_item_embeddings(self, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    def all_item_embeddings(self, chunk: int = 4096, content_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, d) vectors and (N,) biases of the whole catalogue (cold items from content)."""
         index = torch.arange(self.n_items, device=self.device)
-        parts = [self.item_embeddings(index[i:i + chunk]) for i in range(0, self.n_items, chunk)]
+        parts = [self.item_embeddings(index[i:i + chunk], content_only) for i in range(0, self.n_items, chunk)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     @property
@@ -191,21 +195,19 @@ class MultimodalRecommender(pl.LightningModule):
         all_vectors, all_biases = self.all_item_embeddings()  # (N, d), (N,)
         queries = self.queries(batch["history"], batch["user"], batch["context_hour"],
                                item_vectors=all_vectors)[valid]  # (P, d)
-        similarity = (queries @ all_vectors.T + all_biases).masked_fill(self.untrained_items, float("-inf"))
+        similarity = self._trained_similarity(queries, all_vectors, all_biases)
         if self.hparams.mask_seen:
             similarity = self._mask_seen(similarity, batch, valid, positives)
         return queries, all_vectors, similarity, positives, None
 
+    def _trained_similarity(self, queries: torch.Tensor, vectors: torch.Tensor, biases: torch.Tensor) -> torch.Tensor:
+        """(P, N) retrieval scores over the whole catalogue, items never trained on (cold) out (-inf)."""
+        return (queries @ vectors.T + biases).masked_fill(self.untrained_items, float("-inf"))
+
     def _content_only_loss(self, queries: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
         """Full softmax over every trained item's content-only vector (its ID unknown, as a cold item's is): the
         content learns to rank on its own, among items that all lack IDs, which is how cold items meet."""
-        index = torch.arange(self.n_items, device=self.device)
-        inputs = dict(self.items(index))
-        inputs["known"] = torch.zeros_like(inputs["known"])
-        raw = self.item_tower(inputs)
-        vectors = retrieval_vectors(raw, self.hparams.score)
-        biases = 0.0 if self.bias_head is None else self.bias_head(raw)
-        similarity = (queries @ vectors.T + biases).masked_fill(self.untrained_items, float("-inf"))
+        similarity = self._trained_similarity(queries, *self.all_item_embeddings(content_only=True))
         return F.cross_entropy(similarity * self.logit_scale, positives)
 
     def _mask_seen(self, similarity: torch.Tensor, batch: dict, valid: torch.Tensor,
