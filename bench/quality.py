@@ -26,6 +26,7 @@ from pathlib import Path
 
 from common import add_rows, data_overrides, print_tables, train_config
 
+from multimodal_rec.data.splits import build_split
 from multimodal_rec.training import train, write_json_atomic
 
 MODELS = ("popularity", "user_knn", "item_knn", "bpr_mf", "content", "dnn", "sasrec", "multimodal")
@@ -70,10 +71,7 @@ def run_baseline(name: str, base: list[str], out: Path, seed: int, extra: list[s
     baseline.fit(datamodule.split, item_vectors)
     split, metrics = datamodule.split, {}
     if refit:  # the selected model's test metrics too, as train.py keeps them
-        values = baseline.evaluate(split, "test", max_len=datamodule.max_len)
-        metrics.update({f"before_refit/test/{k}": v for k, v in values.items()})
-        from multimodal_rec.data.splits import build_split
-
+        metrics.update(evaluated(baseline, datamodule, split, ("test",), prefix="before_refit/"))
         split = build_split(datamodule.dataset, datamodule.cold_item_fraction, datamodule.seed,
                             train_on_validation=True)
         if getattr(baseline, "best_epoch", -1) > 0:  # chosen on validation: now as many epochs, none checked
@@ -81,11 +79,18 @@ def run_baseline(name: str, base: list[str], out: Path, seed: int, extra: list[s
         baseline = hydra.utils.instantiate(settings)
         baseline.fit(split, item_vectors)
     seconds = time.time() - started
-    for stage in STAGES:
+    metrics.update(evaluated(baseline, datamodule, split, STAGES))
+    return {"metrics": metrics, "seconds": round(seconds, 1)}
+
+
+def evaluated(baseline, datamodule, split, stages: tuple, prefix: str = "") -> dict:
+    """`<prefix><stage>/<metric>` of a fitted baseline on the stages the data has users for."""
+    metrics = {}
+    for stage in stages:
         if len(datamodule.eval_sets[stage]):
             values = baseline.evaluate(split, stage, max_len=datamodule.max_len)
-            metrics.update({f"{stage}/{k}": v for k, v in values.items()})
-    return {"metrics": metrics, "seconds": round(seconds, 1)}
+            metrics.update({f"{prefix}{stage}/{k}": v for k, v in values.items()})
+    return metrics
 
 
 def run_multimodal(base: list[str], out: Path, extra: list[str], seed: int, refit: bool = False) -> dict:
