@@ -3,9 +3,10 @@
     python bench/cold_tradeoff.py --runs logs/bench/dim128_wide/full_id_image_text_attributes_seed*
 
 For each trained run (a folder with metrics.json, trained with cold items held out) it scores the warm and the
-cold-start test users as evaluation does, then again with `offset` added to every cold item's score (items
-never trained on: their vectors come from content alone), and prints the mean over the runs per offset:
-warm NDCG@10 / HR@10 against cold NDCG@10 / HR@10. Offset 0 is the model as trained and served.
+cold-start test users by retrieval, as evaluation does for a model without the ranking network, then again with
+`offset` added to every cold item's score (items never trained on: their vectors come from content alone), and
+prints the mean over the runs per offset: warm NDCG@10 / HR@10 against cold NDCG@10 / HR@10. Offset 0 is the
+model as trained and served.
 """
 
 from __future__ import annotations
@@ -30,8 +31,7 @@ COLUMNS = ("warm ndcg@10", "warm hr@10", "cold ndcg@10", "cold hr@10")
 def tradeoff(run: Path, offsets: tuple[float, ...]) -> list[dict]:
     """One row per offset for one run."""
     best = json.loads((run / "metrics.json").read_text())["best_checkpoint"]
-    model, datamodule, _ = restore_model(best)
-    datamodule.setup()
+    model, datamodule, _ = restore_model(best)  # its data set up as training had it
     split = datamodule.split
     if not len(split.cold_items):
         raise SystemExit(f"{run} was trained without cold items (data.cold_item_fraction=0): nothing to trade")
