@@ -97,3 +97,32 @@ def test_missing_files_give_one_clear_error(tmp_path):
 def test_load_dataset_names_missing_files(tmp_path):
     with pytest.raises(DatasetError, match="items.parquet.*prepare"):
         load_dataset(tmp_path)
+
+
+def test_imdb_details_become_attributes(ml100k_mm_raw, tmp_path):
+    from multimodal_rec.data.schema import write_dataset
+
+    details = ml100k_mm_raw / "movielens100k_details.json"
+    names = ["imdb_rating", "imdb_votes", "minutes", "age_rating", "director"]
+    raw = read_movielens(ml100k_mm_raw / "ml-100k", details=details, detail_attributes=names)
+    assert raw.attributes["item_numeric"] == ["year", "imdb_rating", "imdb_votes", "minutes"]
+    assert raw.attributes["item_categorical"] == ["age_rating"]
+    assert raw.attributes["item_multi"] == ["genres", "director"]
+    items = raw.items.set_index("item_id")
+    lawrence = items.loc[511]  # "280K" reviews, "3h 48min"
+    assert (lawrence["imdb_rating"], lawrence["imdb_votes"], lawrence["minutes"]) == (8.3, 280_000.0, 228.0)
+    assert lawrence["age_rating"] == "Approved" and lawrence["director"] == ["David Lean"]
+    # a director of one film only would name that film again: dropped
+    films = pd.Series([d for ds in items["director"] for d in ds]).value_counts()
+    assert films.min() >= 2 and items.loc[1, "director"] == []
+    assert items["imdb_votes"].notna().sum() == 1543 and pd.isna(items.loc[858, "minutes"])  # "None" there
+    plain = read_movielens(ml100k_mm_raw / "ml-100k", details=details)  # none chosen: the schema as before
+    assert plain.attributes["item_numeric"] == ["year"] and plain.attributes["item_multi"] == ["genres"]
+    assert "imdb_votes" not in plain.items
+    write_dataset(raw, tmp_path / "details")
+    write_dataset(plain, tmp_path / "plain")
+    written = [load_dataset(tmp_path / name) for name in ("details", "plain")]
+    assert written[0].fingerprint != written[1].fingerprint  # checkpoints tell the two apart
+    assert written[0].content_fingerprint == written[1].content_fingerprint  # cached image/text features do not
+    with pytest.raises(DatasetError, match="unknown detail_attributes.*box_office"):
+        read_movielens(ml100k_mm_raw / "ml-100k", details=details, detail_attributes=["box_office"])

@@ -39,3 +39,24 @@ def test_missing_input_is_one_clear_error(tmp_path):
     assert done.returncode == 2
     assert "required input not found" in done.stderr and "u.data" in done.stderr and "posters" in done.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_changed_source_settings_prepare_again(tmp_path, caplog):
+    from omegaconf import OmegaConf
+
+    from multimodal_rec.data.datamodule import RecDataModule
+
+    def datamodule(n_items: int) -> RecDataModule:
+        source = OmegaConf.create({"_target_": "multimodal_rec.data.sources.synthetic.read_synthetic",
+                                   "n_items": n_items, "n_users": 30, "images": False})
+        return RecDataModule("shop", str(tmp_path / "shop"), source=source)
+
+    datamodule(60).prepare_data()
+    written = (tmp_path / "shop" / "manifest.json").stat().st_ino
+    datamodule(60).prepare_data()  # same settings: kept (a new preparation renames a new folder into place)
+    assert (tmp_path / "shop" / "manifest.json").stat().st_ino == written
+    assert "other source settings" not in caplog.text
+    datamodule(80).prepare_data()
+    data = load_dataset(tmp_path / "shop")
+    assert len(data.items) == 80 and data.manifest["source_settings"]["n_items"] == 80
+    assert "prepared with other source settings" in caplog.text

@@ -269,7 +269,10 @@ def test_another_column_mapping_is_another_dataset(shops, tmp_path):
     other = prepare(source_config("tabular", f"data.source.folder={shops['csv']}",
                                   "data.source.items.columns.text=[description,name]"), tmp_path / "b")
     assert first["counts"] == other["counts"] and first["inputs"] == other["inputs"]
-    assert first["fingerprint"] != other["fingerprint"]  # cached text features must not be reused
+    assert first["fingerprint"] != other["fingerprint"]
+    from multimodal_rec.data.schema import fingerprint_of
+
+    assert fingerprint_of(first, attributes=False) != fingerprint_of(other, attributes=False)  # nor cached texts
 
 
 def test_with_a_users_file_events_of_unknown_users_are_reported(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -60,19 +61,36 @@ class RecDataModule(pl.LightningDataModule):
         self.user_features: UserFeatures | None = None
 
     def prepare_data(self) -> None:
-        """Writes the canonical dataset from `source` when the processed folder is not there yet. Processes
-        started together (torchrun, srun) take turns under a file lock: the first prepares, the rest find it."""
-        if (self.processed_dir / MANIFEST_FILE).is_file():
+        """Writes the canonical dataset from `source` when the processed folder is not there yet, or was prepared
+        with other source settings (then again, so a changed reader option takes effect). Processes started
+        together (torchrun, srun) take turns under a file lock: the first prepares, the rest find it."""
+        if self._prepared():
             return
         if self.source is None:
             raise FileNotFoundError(f"{self.processed_dir} is not a prepared dataset and no source is configured")
         from multimodal_rec.data.prepare import prepare
 
         with file_lock(self.processed_dir.parent / f".{self.processed_dir.name}.lock"):
-            if (self.processed_dir / MANIFEST_FILE).is_file():
+            if self._prepared():
                 return
             log.info("preparing %s into %s", self.name, self.processed_dir)
             prepare(self.source, self.processed_dir)
+
+    def _prepared(self) -> bool:
+        """The processed folder is there and, with a source configured, was prepared with these settings."""
+        path = self.processed_dir / MANIFEST_FILE
+        if not path.is_file():
+            return False
+        if self.source is None:
+            return True
+        from multimodal_rec.data.prepare import source_settings
+
+        with open(path) as handle:
+            prepared_with = json.load(handle).get("source_settings")
+        if prepared_with != source_settings(self.source):
+            log.warning("%s was prepared with other source settings: preparing it again", self.processed_dir)
+            return False
+        return True
 
     def setup(self, stage: str | None = None) -> None:
         if self.split is not None:

@@ -177,10 +177,12 @@ def write_dataset(raw: RawDataset, out_dir: str | os.PathLike) -> dict:
     return manifest
 
 
-def fingerprint_of(manifest: dict) -> str:
+def fingerprint_of(manifest: dict, attributes: bool = True) -> str:
     """A short hash of what defines the data: source, inputs, counts and attribute schema (and the settings of
-    the generic reader, whose column mapping changes the tables without changing the inputs)."""
-    keys = ("source", "inputs", "counts", "attributes", "generator")
+    the generic reader, whose column mapping changes the tables without changing the inputs). Without
+    `attributes`: what the item images and texts are made of, so cached image/text features outlive a change
+    of the attribute columns."""
+    keys = ("source", "inputs", "counts", "generator") + (("attributes",) if attributes else ())
     payload = {k: manifest.get(k) for k in keys}
     if "reader" in manifest:  # only then: other datasets keep the fingerprints they had
         payload["reader"] = manifest["reader"]
@@ -199,6 +201,11 @@ class CanonicalDataset:
     @property
     def fingerprint(self) -> str:
         return self.manifest["fingerprint"]
+
+    @property
+    def content_fingerprint(self) -> str:
+        """The fingerprint without the attribute schema (what frozen image/text features depend on)."""
+        return fingerprint_of(self.manifest, attributes=False)
 
     def attributes(self, kind: str) -> list[str]:
         return list(self.manifest["attributes"].get(kind, []))

@@ -46,7 +46,7 @@ def build_bundle(datamodule: RecDataModule, modalities=MODALITIES, image_encoder
         raise ValueError(f"unknown modalities {unknown}; choose from {MODALITIES}")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if feature_device == "auto" else feature_device
     items, split = datamodule.item_features, datamodule.split
-    fingerprint = datamodule.dataset.fingerprint
+    fingerprint = datamodule.dataset.content_fingerprint  # image/text features do not depend on attributes
     image_size = datamodule.image_size
     image = text = None
     image_module = text_module = None

@@ -1,4 +1,5 @@
-"""Reader of MovieLens-100k (official files), optionally with posters and IMDb plot lines.
+"""Reader of MovieLens-100k (official files), optionally with posters and IMDb details (plot line, rating,
+number of ratings, length, age rating, director).
 
 Bad input is counted and reported, never fatal unless a required file is missing: a malformed
 line is dropped (file:line recorded), an interaction with an unknown user or item is dropped, a
@@ -22,6 +23,11 @@ from multimodal_rec.data.schema import DataIssues, DatasetError, RawDataset, sha
 
 N_GENRE_FLAGS = 19
 YEAR_IN_TITLE = re.compile(r"\((\d{4})\)\s*$")
+LENGTH = re.compile(r"(?:(\d+)h)?\s*(?:(\d+)min)?")
+COUNT = re.compile(r"([\d.]+)([KM]?)")
+# IMDb details that become item attributes: name -> (kind, how it is read from a record)
+DETAIL_KINDS = {"imdb_rating": "item_numeric", "imdb_votes": "item_numeric", "minutes": "item_numeric",
+                "age_rating": "item_categorical", "director": "item_multi"}
 
 
 def _lines(path: Path, encoding: str):
@@ -107,21 +113,62 @@ def _read_ratings(path: Path, items: set, users: set, issues: DataIssues) -> pd.
     )
 
 
-def _read_plots(path: Path, issues: DataIssues) -> dict[int, str]:
+def _read_details(path: Path, issues: DataIssues) -> tuple[dict[int, str], pd.DataFrame]:
+    """Plot lines by movie id, and a table (movie_id + DETAIL_KINDS columns; missing values as NaN/None)."""
     try:
         with open(path, encoding="utf-8") as handle:
             records = json.load(handle)
     except (OSError, ValueError) as error:
         raise DatasetError(f"cannot read plot lines from {path}: {error}") from error
-    plots = {}
+    plots, rows = {}, []
     for number, record in enumerate(records):
-        text = record.get("description") if isinstance(record, dict) else None
         movie_id = record.get("movie_id") if isinstance(record, dict) else None
-        if not isinstance(movie_id, int) or not isinstance(text, str) or not text.strip():
+        if not isinstance(movie_id, int):
             issues.add("malformed_record", f"{path.name}: record {number}")
             continue
-        plots[movie_id] = text.strip()
-    return plots
+        text = record.get("description")
+        if isinstance(text, str) and text.strip():
+            plots[movie_id] = text.strip()
+        else:
+            issues.add("malformed_record", f"{path.name}: record {number}")
+        rating = record.get("rating")
+        directors = record.get("director")
+        rows.append((movie_id, float(rating) if isinstance(rating, (int, float)) else np.nan,
+                     _count(record.get("num_review")), _minutes(record.get("movie_length")),
+                     record.get("age_rating") if isinstance(record.get("age_rating"), str) else None,
+                     [d for d in directors if isinstance(d, str)] if isinstance(directors, list) else []))
+    details = pd.DataFrame(rows, columns=["movie_id", *DETAIL_KINDS]).drop_duplicates("movie_id")
+    return plots, details
+
+
+def _count(text) -> float:
+    """IMDb's "280K" / "1.1M" / "950" -> a number (NaN when absent or unreadable)."""
+    match = COUNT.fullmatch(text.strip()) if isinstance(text, str) else None
+    if not match:
+        return np.nan
+    return float(match.group(1)) * {"": 1, "K": 1e3, "M": 1e6}[match.group(2)]
+
+
+def _minutes(text) -> float:
+    """ "1h 46min" -> 106.0; NaN for anything else (some records hold a year or "Unrated" there)."""
+    match = LENGTH.fullmatch(text.strip()) if isinstance(text, str) else None
+    if not match or not any(match.groups()):
+        return np.nan
+    return 60.0 * int(match.group(1) or 0) + int(match.group(2) or 0)
+
+
+def _add_details(items: pd.DataFrame, details: pd.DataFrame, names: list[str]) -> pd.DataFrame:
+    """The chosen detail columns joined to the items. Directors of a single film are dropped: as attributes
+    they would only name that film again."""
+    table = details.set_index("movie_id").reindex(items["item_id"])
+    for name in names:
+        values = table[name].to_numpy()
+        if name == "director":
+            films = pd.Series([d for ds in values if isinstance(ds, list) for d in ds]).value_counts()
+            shared = set(films.index[films >= 2])
+            values = [[d for d in ds if d in shared] if isinstance(ds, list) else [] for ds in values]
+        items[name] = list(values) if name == "director" else values
+    return items
 
 
 def _valid_posters(folder: Path, item_ids, issues: DataIssues) -> tuple[dict, str]:
@@ -147,9 +194,16 @@ def _item_text(title: str, genres: list[str], plot: str | None) -> str:
 
 
 def read_movielens(
-    root: str, posters: str | None = None, details: str | None = None, name: str = "ml100k"
+    root: str, posters: str | None = None, details: str | None = None, name: str = "ml100k",
+    detail_attributes: tuple | list = (),
 ) -> RawDataset:
-    """Reads `root` (u.data, u.item, u.user, u.genre) and, when given, posters and plot lines."""
+    """Reads `root` (u.data, u.item, u.user, u.genre) and, when given, posters and IMDb details: the plot line
+    joins the text; `detail_attributes` (names in DETAIL_KINDS) become item attributes."""
+    unknown = sorted(set(detail_attributes) - set(DETAIL_KINDS))
+    if unknown:
+        raise DatasetError(f"{name}: unknown detail_attributes {unknown}; known: {sorted(DETAIL_KINDS)}")
+    if detail_attributes and not details:
+        raise DatasetError(f"{name}: detail_attributes {list(detail_attributes)} need `details` (the IMDb file)")
     root_path = Path(root)
     required = [root_path / f for f in ("u.data", "u.item", "u.user", "u.genre")]
     if posters:
@@ -169,8 +223,9 @@ def read_movielens(
 
     plots: dict[int, str] = {}
     if details:
-        plots = _read_plots(Path(details), issues)
+        plots, detail_table = _read_details(Path(details), issues)
         inputs[Path(details).name] = sha256_file(details)
+        items = _add_details(items, detail_table, list(detail_attributes))
     image_files: dict = {}
     if posters:
         image_files, inputs["posters/"] = _valid_posters(Path(posters), items["item_id"].tolist(), issues)
@@ -179,10 +234,11 @@ def read_movielens(
     items["text"] = [_item_text(t, g, p) for t, g, p in zip(items["title"], items["genres"], items["plot"])]
     items["image"] = None
     items = items.drop(columns="plot")
+    chosen = {kind: [n for n in detail_attributes if DETAIL_KINDS[n] == kind] for kind in set(DETAIL_KINDS.values())}
     attributes = {
-        "item_categorical": [],
-        "item_multi": ["genres"],
-        "item_numeric": ["year"],
+        "item_categorical": chosen["item_categorical"],
+        "item_multi": ["genres", *chosen["item_multi"]],
+        "item_numeric": ["year", *chosen["item_numeric"]],
         "user_categorical": ["gender", "occupation"],
         "user_numeric": ["age"],
     }
