@@ -71,8 +71,9 @@ def build_bundle(datamodule: RecDataModule, modalities=MODALITIES, image_encoder
         image, image_module = encode("image", image_encoder, size=image_size, compute=lambda encoder: (
             feature_cache.image_features(encoder, items, image_size, device=device)))
     if "text" in modalities:
-        text, text_module = encode("text", text_encoder, max_len=items.text_ids.shape[1], compute=lambda encoder: (
-            feature_cache.text_features(encoder, items, device=device)))
+        tokens = feature_cache.tensors_digest({"ids": items.text_ids, "mask": items.text_mask})  # the texts as read
+        text, text_module = encode("text", text_encoder, max_len=items.text_ids.shape[1], tokens=tokens,
+                                   compute=lambda encoder: feature_cache.text_features(encoder, items, device=device))
 
     train = split.train_interactions()
     popularity = torch.from_numpy(np.bincount(train["item"].to_numpy(), minlength=split.n_items))

@@ -25,6 +25,7 @@ N_GENRE_FLAGS = 19
 YEAR_IN_TITLE = re.compile(r"\((\d{4})\)\s*$")
 LENGTH = re.compile(r"(?:(\d+)h)?\s*(?:(\d+)min)?")
 COUNT = re.compile(r"([\d.]+)([KM]?)")
+CAST_IN_TEXT = 3  # top-billed actors named in the item text with `detail_text`
 # IMDb details that become item attributes: name -> (kind, how it is read from a record)
 DETAIL_KINDS = {"imdb_rating": "item_numeric", "imdb_votes": "item_numeric", "minutes": "item_numeric",
                 "age_rating": "item_categorical", "director": "item_multi"}
@@ -133,12 +134,17 @@ def _read_details(path: Path, issues: DataIssues) -> tuple[dict[int, str], pd.Da
             issues.add("malformed_record", f"{path.name}: record {number}")
         rating = record.get("rating")
         directors = record.get("director")
+        cast = record.get("cast")
         rows.append((movie_id, float(rating) if isinstance(rating, (int, float)) else np.nan,
                      _count(record.get("num_review")), _minutes(record.get("movie_length")),
                      record.get("age_rating") if isinstance(record.get("age_rating"), str) else None,
-                     [d for d in directors if isinstance(d, str)] if isinstance(directors, list) else []))
-    details = pd.DataFrame(rows, columns=["movie_id", *DETAIL_KINDS]).drop_duplicates("movie_id")
+                     _names(directors), _names(cast)[:CAST_IN_TEXT]))
+    details = pd.DataFrame(rows, columns=["movie_id", *DETAIL_KINDS, "cast"]).drop_duplicates("movie_id")
     return plots, details
+
+
+def _names(values) -> list[str]:
+    return [v for v in values if isinstance(v, str) and v.strip()] if isinstance(values, list) else []
 
 
 def _count(text) -> float:
@@ -188,22 +194,28 @@ def _valid_posters(folder: Path, item_ids, issues: DataIssues) -> tuple[dict, st
     return found, digest.hexdigest()
 
 
-def _item_text(title: str, genres: list[str], plot: str | None) -> str:
+def _item_text(title: str, genres: list[str], plot: str | None, directors=None, cast=None) -> str:
     text = f"{title}. Genres: {', '.join(genres) if genres else 'unknown'}."
-    return f"{text} {plot}" if plot else text
+    text = f"{text} {plot}" if plot else text
+    if isinstance(directors, list) and directors:
+        text += f" Directed by {', '.join(directors)}."
+    if isinstance(cast, list) and cast:
+        text += f" Starring {', '.join(cast)}."
+    return text
 
 
 def read_movielens(
     root: str, posters: str | None = None, details: str | None = None, name: str = "ml100k",
-    detail_attributes: tuple | list = (),
+    detail_attributes: tuple | list = (), detail_text: bool = False,
 ) -> RawDataset:
     """Reads `root` (u.data, u.item, u.user, u.genre) and, when given, posters and IMDb details: the plot line
-    joins the text; `detail_attributes` (names in DETAIL_KINDS) become item attributes."""
+    joins the text; `detail_attributes` (names in DETAIL_KINDS) become item attributes; `detail_text` adds the
+    director(s) and the top-billed actors to the text."""
     unknown = sorted(set(detail_attributes) - set(DETAIL_KINDS))
     if unknown:
         raise DatasetError(f"{name}: unknown detail_attributes {unknown}; known: {sorted(DETAIL_KINDS)}")
-    if detail_attributes and not details:
-        raise DatasetError(f"{name}: detail_attributes {list(detail_attributes)} need `details` (the IMDb file)")
+    if (detail_attributes or detail_text) and not details:
+        raise DatasetError(f"{name}: detail_attributes / detail_text need `details` (the IMDb file)")
     root_path = Path(root)
     required = [root_path / f for f in ("u.data", "u.item", "u.user", "u.genre")]
     if posters:
@@ -222,16 +234,21 @@ def read_movielens(
     inputs = {f"ml-100k/{p.name}": sha256_file(p) for p in required[:4]}
 
     plots: dict[int, str] = {}
+    people = pd.DataFrame({"director": [[]] * len(items), "cast": [[]] * len(items)}, index=items.index)
     if details:
         plots, detail_table = _read_details(Path(details), issues)
         inputs[Path(details).name] = sha256_file(details)
         items = _add_details(items, detail_table, list(detail_attributes))
+        if detail_text:
+            people = detail_table.set_index("movie_id").reindex(items["item_id"])[["director", "cast"]]
+            people.index = items.index
     image_files: dict = {}
     if posters:
         image_files, inputs["posters/"] = _valid_posters(Path(posters), items["item_id"].tolist(), issues)
 
     items["plot"] = items["item_id"].map(plots)
-    items["text"] = [_item_text(t, g, p) for t, g, p in zip(items["title"], items["genres"], items["plot"])]
+    items["text"] = [_item_text(*row) for row in zip(items["title"], items["genres"], items["plot"],
+                                                     people["director"], people["cast"])]
     items["image"] = None
     items = items.drop(columns="plot")
     chosen = {kind: [n for n in detail_attributes if DETAIL_KINDS[n] == kind] for kind in set(DETAIL_KINDS.values())}
@@ -243,4 +260,6 @@ def read_movielens(
         "user_numeric": ["age"],
     }
     extra = {"items_with_plot": len(set(plots) & set(items["item_id"]))}
+    if detail_text:  # the texts change, not the inputs: the fingerprint must tell the two apart
+        extra["reader"] = {"detail_text": True}
     return RawDataset(name, items, users, interactions, attributes, inputs, issues, image_files, extra)
