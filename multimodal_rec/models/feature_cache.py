@@ -1,8 +1,8 @@
 """Frozen encoders are cheap: their item features are computed once and cached on disk.
 
 The cache key covers the encoder (a digest of its weights and its name), the data's content fingerprint
-(not its attribute columns) and the preprocessing (image size, text length), so a change to any of them
-recomputes.
+(not its attribute columns), for texts a digest of the token ids, and the preprocessing (image size, text
+length), so a change to any of them recomputes.
 """
 
 from __future__ import annotations

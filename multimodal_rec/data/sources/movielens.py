@@ -26,7 +26,7 @@ YEAR_IN_TITLE = re.compile(r"\((\d{4})\)\s*$")
 LENGTH = re.compile(r"(?:(\d+)h)?\s*(?:(\d+)min)?")
 COUNT = re.compile(r"([\d.]+)([KM]?)")
 CAST_IN_TEXT = 3  # top-billed actors named in the item text with `detail_text`
-# IMDb details that become item attributes: name -> (kind, how it is read from a record)
+# IMDb details that can become item attributes, by the kind of attribute each is
 DETAIL_KINDS = {"imdb_rating": "item_numeric", "imdb_votes": "item_numeric", "minutes": "item_numeric",
                 "age_rating": "item_categorical", "director": "item_multi"}
 
@@ -120,7 +120,7 @@ def _read_details(path: Path, issues: DataIssues) -> tuple[dict[int, str], pd.Da
         with open(path, encoding="utf-8") as handle:
             records = json.load(handle)
     except (OSError, ValueError) as error:
-        raise DatasetError(f"cannot read plot lines from {path}: {error}") from error
+        raise DatasetError(f"cannot read IMDb details from {path}: {error}") from error
     plots, rows = {}, []
     for number, record in enumerate(records):
         movie_id = record.get("movie_id") if isinstance(record, dict) else None
@@ -173,7 +173,7 @@ def _add_details(items: pd.DataFrame, details: pd.DataFrame, names: list[str]) -
             films = pd.Series([d for ds in values if isinstance(ds, list) for d in ds]).value_counts()
             shared = set(films.index[films >= 2])
             values = [[d for d in ds if d in shared] if isinstance(ds, list) else [] for ds in values]
-        items[name] = list(values) if name == "director" else values
+        items[name] = values
     return items
 
 
