@@ -124,10 +124,10 @@ def test_imdb_details_become_attributes(ml100k_mm_raw, tmp_path):
     written = [load_dataset(tmp_path / name) for name in ("details", "plain")]
     assert written[0].fingerprint != written[1].fingerprint  # checkpoints tell the two apart
     assert written[0].content_fingerprint == written[1].content_fingerprint  # cached image/text features do not
-    write_dataset(read_movielens(ml100k_mm_raw / "ml-100k", details=details, detail_text=True), tmp_path / "told")
-    assert load_dataset(tmp_path / "told").fingerprint != written[1].fingerprint  # other texts
-    told = read_movielens(ml100k_mm_raw / "ml-100k", details=details, detail_text=True).items.set_index("item_id")
-    assert told.loc[1, "text"] == plain.items.set_index("item_id").loc[1, "text"] + (
+    told = read_movielens(ml100k_mm_raw / "ml-100k", details=details, detail_text=True)
+    assert told.items.set_index("item_id").loc[1, "text"] == plain.items.set_index("item_id").loc[1, "text"] + (
         " Directed by John Lasseter. Starring Tom Hanks, Tim Allen, Don Rickles.")
+    write_dataset(told, tmp_path / "told")
+    assert load_dataset(tmp_path / "told").fingerprint != written[1].fingerprint  # other texts
     with pytest.raises(DatasetError, match="unknown detail_attributes.*box_office"):
         read_movielens(ml100k_mm_raw / "ml-100k", details=details, detail_attributes=["box_office"])

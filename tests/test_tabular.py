@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 
 from multimodal_rec.config import CONF_DIR
 from multimodal_rec.data.prepare import prepare
-from multimodal_rec.data.schema import DataIssues, DatasetError, load_dataset
+from multimodal_rec.data.schema import DataIssues, DatasetError, fingerprint_of, load_dataset
 from multimodal_rec.data.sources.example_shop import write_example_shop
 from multimodal_rec.data.sources.interaction_filters import k_core_filter
 from multimodal_rec.data.sources.table_values import epoch_seconds, multi_values, number
@@ -270,8 +270,6 @@ def test_another_column_mapping_is_another_dataset(shops, tmp_path):
                                   "data.source.items.columns.text=[description,name]"), tmp_path / "b")
     assert first["counts"] == other["counts"] and first["inputs"] == other["inputs"]
     assert first["fingerprint"] != other["fingerprint"]
-    from multimodal_rec.data.schema import fingerprint_of
-
     assert fingerprint_of(first, attributes=False) != fingerprint_of(other, attributes=False)  # nor cached texts
 
 
