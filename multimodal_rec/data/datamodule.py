@@ -19,6 +19,7 @@ from multimodal_rec.data.splits import Split, build_split
 from multimodal_rec.distributed import EvalShardSampler, file_lock, rank_and_world_size
 
 log = logging.getLogger(__name__)
+STALE_SETTINGS = "prepared with other source settings"
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -64,33 +65,33 @@ class RecDataModule(pl.LightningDataModule):
         """Writes the canonical dataset from `source` when the processed folder is not there yet, or was prepared
         with other source settings (then again, so a changed reader option takes effect). Processes started
         together (torchrun, srun) take turns under a file lock: the first prepares, the rest find it."""
-        if self._prepared():
+        if self._why_prepare() is None:
             return
         if self.source is None:
             raise FileNotFoundError(f"{self.processed_dir} is not a prepared dataset and no source is configured")
         from multimodal_rec.data.prepare import prepare
 
         with file_lock(self.processed_dir.parent / f".{self.processed_dir.name}.lock"):
-            if self._prepared():
+            reason = self._why_prepare()
+            if reason is None:
                 return
-            log.info("preparing %s into %s", self.name, self.processed_dir)
+            (log.warning if reason == STALE_SETTINGS else log.info)(
+                "preparing %s into %s (%s)", self.name, self.processed_dir, reason)
             prepare(self.source, self.processed_dir)
 
-    def _prepared(self) -> bool:
-        """The processed folder is there and, with a source configured, was prepared with these settings."""
+    def _why_prepare(self) -> str | None:
+        """None when the processed folder is there and, with a source configured, was prepared with these
+        settings; else why it must be prepared."""
         path = self.processed_dir / MANIFEST_FILE
         if not path.is_file():
-            return False
+            return "not prepared yet"
         if self.source is None:
-            return True
+            return None
         from multimodal_rec.data.prepare import source_settings
 
         with open(path) as handle:
             prepared_with = json.load(handle).get("source_settings")
-        if prepared_with != source_settings(self.source):
-            log.warning("%s was prepared with other source settings: preparing it again", self.processed_dir)
-            return False
-        return True
+        return None if prepared_with == source_settings(self.source) else STALE_SETTINGS
 
     def setup(self, stage: str | None = None) -> None:
         if self.split is not None:

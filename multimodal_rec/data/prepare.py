@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -32,11 +31,9 @@ def prepare(source: DictConfig, out: str | Path) -> dict:
     return manifest
 
 
-def source_settings(source) -> dict:
+def source_settings(source: DictConfig) -> dict:
     """The reader and its arguments, resolved (paths included), as the manifest records them."""
-    if isinstance(source, DictConfig):
-        return OmegaConf.to_container(source, resolve=True)
-    return json.loads(json.dumps(dict(source)))
+    return OmegaConf.to_container(source, resolve=True)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="prepare")

@@ -163,10 +163,9 @@ def _minutes(text) -> float:
     return 60.0 * int(match.group(1) or 0) + int(match.group(2) or 0)
 
 
-def _add_details(items: pd.DataFrame, details: pd.DataFrame, names: list[str]) -> pd.DataFrame:
-    """The chosen detail columns joined to the items. Directors of a single film are dropped: as attributes
-    they would only name that film again."""
-    table = details.set_index("movie_id").reindex(items["item_id"])
+def _add_details(items: pd.DataFrame, table: pd.DataFrame, names: list[str]) -> pd.DataFrame:
+    """The chosen detail columns of `table` (a row per item, in the items' order) joined to the items. Directors
+    of a single film are dropped: as attributes they would only name that film again."""
     for name in names:
         values = table[name].to_numpy()
         if name == "director":
@@ -234,21 +233,20 @@ def read_movielens(
     inputs = {f"ml-100k/{p.name}": sha256_file(p) for p in required[:4]}
 
     plots: dict[int, str] = {}
-    people = pd.DataFrame({"director": [[]] * len(items), "cast": [[]] * len(items)}, index=items.index)
+    directors = cast = [None] * len(items)  # named in the text with `detail_text`
     if details:
         plots, detail_table = _read_details(Path(details), issues)
         inputs[Path(details).name] = sha256_file(details)
+        detail_table = detail_table.set_index("movie_id").reindex(items["item_id"])  # a row per item, in order
         items = _add_details(items, detail_table, list(detail_attributes))
         if detail_text:
-            people = detail_table.set_index("movie_id").reindex(items["item_id"])[["director", "cast"]]
-            people.index = items.index
+            directors, cast = detail_table["director"].tolist(), detail_table["cast"].tolist()
     image_files: dict = {}
     if posters:
         image_files, inputs["posters/"] = _valid_posters(Path(posters), items["item_id"].tolist(), issues)
 
     items["plot"] = items["item_id"].map(plots)
-    items["text"] = [_item_text(*row) for row in zip(items["title"], items["genres"], items["plot"],
-                                                     people["director"], people["cast"])]
+    items["text"] = [_item_text(*row) for row in zip(items["title"], items["genres"], items["plot"], directors, cast)]
     items["image"] = None
     items = items.drop(columns="plot")
     chosen = {kind: [n for n in detail_attributes if DETAIL_KINDS[n] == kind] for kind in set(DETAIL_KINDS.values())}
