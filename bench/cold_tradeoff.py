@@ -1,6 +1,7 @@
 """What cold-start hits cost warm users when cold items are pushed up: the trade-off of a score offset.
 
     python bench/cold_tradeoff.py --runs logs/bench/dim128_wide/full_id_image_text_attributes_seed*
+    python bench/cold_tradeoff.py --split val --runs ...   # on the validation targets: to choose an offset
 
 For each trained run (a folder with metrics.json, trained with cold items held out) it scores the warm and the
 cold-start test users by retrieval, as evaluation does for a model without the ranking network, then again with
@@ -24,12 +25,12 @@ from multimodal_rec.evaluation.protocol import evaluate  # noqa: E402
 from multimodal_rec.models.loading import restore_model  # noqa: E402
 
 OFFSETS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
-COLUMNS = ("warm ndcg@10", "warm hr@10", "cold ndcg@10", "cold hr@10")
+COLUMNS = ("warm ndcg@10", "warm hr@10", "cold ndcg@10", "cold hr@10", "cold share of top 10")
 
 
 @torch.no_grad()
-def tradeoff(run: Path, offsets: tuple[float, ...]) -> list[dict]:
-    """One row per offset for one run."""
+def tradeoff(run: Path, offsets: tuple[float, ...], split_name: str = "test") -> list[dict]:
+    """One row per offset for one run, on the test (or validation) targets."""
     best = json.loads((run / "metrics.json").read_text())["best_checkpoint"]
     model, datamodule, _ = restore_model(best)  # its data set up as training had it
     split = datamodule.split
@@ -38,15 +39,25 @@ def tradeoff(run: Path, offsets: tuple[float, ...]) -> list[dict]:
     vectors, biases = model.all_item_embeddings()
     cold = torch.zeros(split.n_items)
     cold[torch.as_tensor(split.cold_items)] = 1.0
+    warm_users, cold_users = (len(split.target_positions(stage)[0]) for stage in (split_name, f"{split_name}_cold"))
     rows = []
     for offset in offsets:
-        def score(batch, offset=offset):
-            return model.score_batch(batch, vectors, biases)["retrieval"] + offset * cold
+        shown = [0.0, 0]  # cold items in every user's top 10, slots
 
-        row = {"offset": f"{offset:g}"}
-        for stage, name in (("test", "warm"), ("test_cold", "cold")):
+        def score(batch, offset=offset, shown=shown):
+            scores = model.score_batch(batch, vectors, biases)["retrieval"] + offset * cold
+            masked = scores.clone()
+            masked[batch["exclude_rows"], batch["exclude_cols"]] = float("-inf")
+            top = masked.topk(10, dim=1).indices
+            shown[0] += float(cold[top].sum())
+            shown[1] += top.numel()
+            return scores
+
+        row = {"offset": f"{offset:g}", "cold share of targets": cold_users / (warm_users + cold_users)}
+        for stage, name in ((split_name, "warm"), (f"{split_name}_cold", "cold")):
             metrics = evaluate(score, split, stage, datamodule.max_len)
             row[f"{name} ndcg@10"], row[f"{name} hr@10"] = metrics["ndcg@10"], metrics["hr@10"]
+        row["cold share of top 10"] = shown[0] / shown[1]
         rows.append(row)
     return rows
 
@@ -55,11 +66,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, nargs="+", required=True, help="training run folders (metrics.json)")
     parser.add_argument("--offsets", type=float, nargs="+", default=list(OFFSETS))
+    parser.add_argument("--split", choices=("test", "val"), default="test",
+                        help="val: the validation targets (choose an offset there, read test once)")
     args = parser.parse_args()
-    per_run = [tradeoff(run, tuple(args.offsets)) for run in args.runs]
+    per_run = [tradeoff(run, tuple(args.offsets), args.split) for run in args.runs]
     rows = [{"offset": group[0]["offset"], **{c: sum(r[c] for r in group) / len(group) for c in COLUMNS}}
             for group in zip(*per_run)]
-    print(f"\nCold items' scores + offset, mean of {len(per_run)} runs ({machine()})\n")
+    share = per_run[0][0]["cold share of targets"]
+    print(f"\nCold items' scores + offset, {args.split} targets ({share:.1%} of them cold items), mean of "
+          f"{len(per_run)} runs ({machine()})\n")
     print(markdown_table(rows, COLUMNS, first="offset"))
 
 

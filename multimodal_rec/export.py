@@ -130,10 +130,12 @@ class Exporter:
         manifest = {
             "format": emb.FORMAT, **self.settings, "checkpoint": self.checkpoint_path,
             "metric": "inner_product",
-            "normalised": self.model.bias_head is None and self.model.hparams.score == "cosine",
+            "normalised": not self.model.has_bias_column and self.model.hparams.score == "cosine",
             "score": self.model.hparams.score,
-            # with item biases the last column is the item's bias (x temperature for cosine) and 1 for users
-            "item_bias": self.model.bias_head is not None,
+            # with item biases or a cold offset the last column is the item's bias (x temperature for cosine, +
+            # the offset for items never trained on) and 1 for users
+            "item_bias": self.model.has_bias_column,
+            "cold_offset": float(self.model.hparams.get("cold_offset", 0.0)),
             "data": self.datamodule.name, "counts": {k: int(len(v)) for k, v in self.ids.items()},
             "shards": {k: [done[emb.shard_name(k, n)] for kk, n in plan if kk == k] for k in ("items", "users")},
             "world_size": self.world_size, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -11,8 +11,10 @@ candidates with a listwise softmax (0, the default: retrieval's order is the ans
 ranking over all items (DESIGN.md), seen items excluded.
 
 With `item_bias`, the retrieval score adds a per-item bias read off the item tower's vector (temperature x
-bias for cosine), as matrix factorisation has item biases. Retrieval vectors are then [v, bias] for items
-and [q, 1] for queries, so inner-product search stays exact.
+bias for cosine), as matrix factorisation has item biases. With `cold_offset` every item never trained on (held-out
+cold items, items added while serving) has that constant added to its score: a new-arrivals boost, which trades
+warm hits for cold ones (README, Cold start); training never sees it (those items are out of the softmax).
+Retrieval vectors are then [v, bias] for items and [q, 1] for queries, so inner-product search stays exact.
 Reference: Klenitskiy & Vasilev, "Turning Dross Into Gold Loss: is BERT4Rec really better than SASRec?",
 RecSys 2023 (full cross-entropy); Yi et al., "Sampling-Bias-Corrected Neural Modeling for Large Corpus Item
 Recommendations", RecSys 2019 (log-Q correction); Covington et al., RecSys 2016 (retrieval + ranking).
@@ -52,7 +54,7 @@ class MultimodalRecommender(pl.LightningModule):
                  encoder_lr_scale: float = 0.1, item_bias: bool = False, loss: str = "auto",
                  full_softmax_max_items: int = FULL_SOFTMAX_MAX_ITEMS, score: str = "cosine",
                  ks: tuple = (10, 20), privacy: dict | None = None, mask_seen: bool = False,
-                 content_loss_weight: float = 0.0):
+                 content_loss_weight: float = 0.0, cold_offset: float = 0.0):
         # score defaults to cosine here (conf/model says dot): checkpoints saved before the choice rebuild as they
         # were trained
         super().__init__()
@@ -104,14 +106,17 @@ class MultimodalRecommender(pl.LightningModule):
     # ---- towers ---------------------------------------------------------------------------------------
     def item_embeddings(self, index: torch.Tensor, content_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """index (B,) -> (item vectors (B, d): unit for cosine, raw for dot; retrieval biases (B,), added to
-        the similarity before the logit scale; zeros without item_bias). `content_only`: every ID taken as
-        unknown, as a cold item's is."""
+        the similarity before the logit scale; zeros without item_bias, + cold_offset for items never trained
+        on). `content_only`: every ID taken as unknown, as a cold item's is."""
         inputs = self.items(index)
         if content_only:
             inputs = {**inputs, "known": torch.zeros_like(inputs["known"])}
         raw = self.item_tower(inputs)
         vectors = retrieval_vectors(raw, self.hparams.score)
-        return vectors, (raw.new_zeros(len(raw)) if self.bias_head is None else self.bias_head(raw))
+        biases = raw.new_zeros(len(raw)) if self.bias_head is None else self.bias_head(raw)
+        if self.hparams.cold_offset:
+            biases = biases + self.hparams.cold_offset * (~inputs["known"]).to(biases.dtype)
+        return vectors, biases
 
     def item_vectors(self, index: torch.Tensor) -> torch.Tensor:
         """index (B,) -> item vectors (B, d), as retrieval scores them."""
@@ -124,19 +129,24 @@ class MultimodalRecommender(pl.LightningModule):
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     @property
+    def has_bias_column(self) -> bool:
+        """Whether retrieval adds a per-item term to q . v (item_bias, cold_offset)."""
+        return self.bias_head is not None or bool(self.hparams.cold_offset)
+
+    @property
     def retrieval_dim(self) -> int:
-        """Width of the exported (searched) vectors: d, plus the bias column with item_bias."""
-        return self.hparams.dim + (self.bias_head is not None)
+        """Width of the exported (searched) vectors: d, plus the bias column with item_bias or cold_offset."""
+        return self.hparams.dim + self.has_bias_column
 
     def retrieval_items(self, vectors: torch.Tensor, biases: torch.Tensor) -> torch.Tensor:
         """(B, d), (B,) from `item_embeddings` -> (B, retrieval_dim): what an inner-product index holds."""
-        if self.bias_head is None:
+        if not self.has_bias_column:
             return vectors
         return torch.cat([vectors, biases.unsqueeze(-1)], dim=-1)
 
     def retrieval_queries(self, queries: torch.Tensor) -> torch.Tensor:
         """(B, d) queries -> (B, retrieval_dim): q . item = similarity + bias."""
-        if self.bias_head is None:
+        if not self.has_bias_column:
             return queries
         return torch.cat([queries, queries.new_ones(len(queries), 1)], dim=-1)
 
@@ -276,8 +286,9 @@ class MultimodalRecommender(pl.LightningModule):
     def score_batch(self, batch: dict, item_vectors: torch.Tensor,
                     item_biases: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Full-catalogue scores (B, N): "retrieval" alone and "ranked" (top candidates re-ranked).
-        item_vectors (N, d) and item_biases (N,) from `all_item_embeddings` (biases required with item_bias)."""
-        if self.bias_head is not None and item_biases is None:
+        item_vectors (N, d) and item_biases (N,) from `all_item_embeddings` (required with item_bias or
+        cold_offset)."""
+        if self.has_bias_column and item_biases is None:
             raise ValueError("this model scores with item biases: pass all_item_embeddings()'s biases")
         query = self.queries(batch["history"], batch["user"], batch["context_hour"], batch.get("profile"),
                              item_vectors)[:, -1]  # (B, d)
@@ -362,7 +373,7 @@ class MultimodalRecommender(pl.LightningModule):
         checkpoint["multimodal_rec"] = {
             "config": self.run_config, "data_fingerprint": self.data_fingerprint, "n_items": self.n_items,
             "dim": self.hparams.dim,
-            "metric": self.hparams.score + ("" if self.bias_head is None else "+item_bias"),
+            "metric": self.hparams.score + ("+item_bias" if self.has_bias_column else ""),
             "normalised": self.hparams.score == "cosine",
             "world_size": self._trainer.world_size if self._trainer is not None else 1,
         }

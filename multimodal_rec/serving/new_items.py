@@ -146,6 +146,7 @@ class NewItemEncoder:
                     hook.remove()
         parts = captured[0][0].half().numpy() if captured else None
         bias = self.parts.get("item_bias")
-        if bias is not None:  # the column the exported item vectors carry
-            vector = torch.cat([vector, bias(raw)])
+        if bias is not None or self.parts.get("cold_offset"):  # the column the exported item vectors carry
+            column = bias(raw) if bias is not None else raw.new_zeros(1)
+            vector = torch.cat([vector, column + self.parts.get("cold_offset", 0.0)])  # never trained on
         return vector.float().numpy(), parts

@@ -124,6 +124,8 @@ def write_serving_parts(model, datamodule, out: str | Path, manifest: dict) -> N
         "score": str(model.hparams.score),  # cosine: unit vectors; dot: raw ones
         # unnormalised item vector -> temperature * bias, the retrieval score's second term; None: plain cosine
         "item_bias": copy.deepcopy(model.bias_head).cpu().eval() if model.bias_head is not None else None,
+        # added to the bias of items never trained on: items added while serving get it too
+        "cold_offset": float(model.hparams.get("cold_offset", 0.0)),
         "rerank_top": int(model.hparams.rerank_top),
         "max_len": int(datamodule.max_len),
         "n_items": int(model.n_items),
