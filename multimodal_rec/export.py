@@ -78,7 +78,8 @@ class Exporter:
         self.rank, self.world_size, self.checkpoint_path = rank, world_size, str(checkpoint_path)
         self.settings = {"checkpoint_sha256": checkpoint_sha256, "data_fingerprint": datamodule.fingerprint,
                          "dim": int(model.retrieval_dim), "dtype": dtype, "shard_size": shard_size,
-                         "max_len": datamodule.max_len}
+                         "max_len": datamodule.max_len,
+                         "cold_offset": float(model.hparams.get("cold_offset", 0.0))}  # in the last column
         self.ids = {"items": datamodule.dataset.items["item_id"].to_numpy(np.int64),
                     "users": datamodule.dataset.users["user_id"].to_numpy(np.int64)}
 
@@ -135,7 +136,6 @@ class Exporter:
             # with item biases or a cold offset the last column is the item's bias (x temperature for cosine, +
             # the offset for items never trained on) and 1 for users
             "item_bias": self.model.has_bias_column,
-            "cold_offset": float(self.model.hparams.get("cold_offset", 0.0)),
             "data": self.datamodule.name, "counts": {k: int(len(v)) for k, v in self.ids.items()},
             "shards": {k: [done[emb.shard_name(k, n)] for kk, n in plan if kk == k] for k in ("items", "users")},
             "world_size": self.world_size, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -182,17 +182,22 @@ def export(cfg: DictConfig) -> dict | None:
     overrides = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else None
     checkpoint = resolve_checkpoint(cfg.ckpt_path)
     model, datamodule, saved = restore_model(checkpoint, overrides, device)
+    if cfg.get("cold_offset") is not None:  # not trained: a setting of the export as much as of the model
+        model.hparams.cold_offset = float(cfg.cold_offset)
     manifest_path = Path(cfg.out) / emb.MANIFEST_FILE
     checkpoint_sha = emb.sha256_file(checkpoint)
     if manifest_path.is_file():
-        if emb.load_json(manifest_path).get("checkpoint_sha256") == checkpoint_sha:
+        previous = emb.load_json(manifest_path)
+        same = (previous.get("checkpoint_sha256") == checkpoint_sha
+                and previous.get("cold_offset", 0.0) == float(model.hparams.get("cold_offset", 0.0)))
+        if same:
             log.info("%s already holds a complete export of this checkpoint", cfg.out)
-            manifest = emb.load_json(manifest_path)
+            manifest = previous
             # serving parts: cheap, and brings older ones up to date
             return _finish(cfg, model, datamodule, manifest) if rank == 0 else manifest
         if not cfg.overwrite:
-            raise emb.EmbeddingsError(f"{cfg.out} holds the export of another checkpoint; pass overwrite=true "
-                                      "to replace it, or choose another `out`")
+            raise emb.EmbeddingsError(f"{cfg.out} holds the export of another checkpoint (or cold_offset); pass "
+                                      "overwrite=true to replace it, or choose another `out`")
         _barrier(world_size)
         if rank == 0:
             manifest_path.unlink()  # first, so the folder never looks complete while shards change

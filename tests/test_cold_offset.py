@@ -5,26 +5,18 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from multimodal_rec import embeddings as emb
 from multimodal_rec.export import export, user_batch
 from multimodal_rec.index import build_index, load_index
-from multimodal_rec.models.loading import read_checkpoint, restore_model
+from multimodal_rec.models.loading import restore_model
 from multimodal_rec.serving.artifacts import load_artifacts
 from multimodal_rec.serving.new_items import NewItemEncoder
 from tests.conftest import export_config, twin_item
 
 OFFSET = 0.75
-
-
-def _checkpoint_with_offset(tiny_checkpoint, tmp_path, offset: float):
-    """The tiny model's checkpoint with `cold_offset` set in its config (nothing trained depends on it)."""
-    checkpoint = read_checkpoint(tiny_checkpoint)
-    checkpoint["multimodal_rec"]["config"]["model"]["recommender"]["cold_offset"] = offset
-    path = tmp_path / "offset.ckpt"
-    torch.save(checkpoint, path)
-    return path
 
 
 def test_the_offset_lifts_only_items_never_trained_on(tiny_checkpoint):
@@ -45,13 +37,16 @@ def test_the_offset_lifts_only_items_never_trained_on(tiny_checkpoint):
 
 
 def test_export_index_and_new_items_carry_the_offset(tiny_checkpoint, tmp_path):
-    checkpoint = _checkpoint_with_offset(tiny_checkpoint, tmp_path, OFFSET)
-    model, datamodule, _ = restore_model(checkpoint)
-    assert model.hparams.cold_offset == OFFSET
+    """The offset is not trained, so the export sets it (`cold_offset=`) for a model trained without one."""
+    model, datamodule, _ = restore_model(tiny_checkpoint)
+    assert model.hparams.cold_offset == 0.0
+    model.hparams.cold_offset = OFFSET
     out = tmp_path / "artifacts"
-    export(export_config(checkpoint, out))
+    export(export_config(tiny_checkpoint, out, cold_offset=OFFSET))
     manifest = emb.load_manifest(out)
     assert manifest["cold_offset"] == OFFSET and manifest["item_bias"]
+    with pytest.raises(emb.EmbeddingsError, match="cold_offset"):  # not mistaken for the export already there
+        export(export_config(tiny_checkpoint, out, cold_offset=0.0))
     _, exported = emb.read_embeddings(out, "items")
     with torch.no_grad():
         vectors, biases = model.all_item_embeddings()
