@@ -35,6 +35,7 @@ from multimodal_rec.distributed import broadcast_running_stats
 from multimodal_rec.evaluation.metrics import RankingEvaluator, all_reduce_evaluators
 from multimodal_rec.models.components.item_bias import ItemBias
 from multimodal_rec.models.components.scoring import SCORES, retrieval_vectors
+from multimodal_rec.models.softmax_terms import log_inclusion, mask_seen
 
 if TYPE_CHECKING:
     from multimodal_rec.models.encoders_setup import EncoderBundle
@@ -207,7 +208,7 @@ class MultimodalRecommender(pl.LightningModule):
                                item_vectors=all_vectors)[valid]  # (P, d)
         similarity = self._trained_similarity(queries, all_vectors, all_biases)
         if self.hparams.mask_seen:
-            similarity = self._mask_seen(similarity, batch, valid, positives)
+            similarity = mask_seen(similarity, batch, valid, positives, self.pad)
         return queries, all_vectors, similarity, positives, None
 
     def _trained_similarity(self, queries: torch.Tensor, vectors: torch.Tensor, biases: torch.Tensor) -> torch.Tensor:
@@ -219,23 +220,6 @@ class MultimodalRecommender(pl.LightningModule):
         content learns to rank on its own, among items that all lack IDs, which is how cold items meet."""
         similarity = self._trained_similarity(queries, *self.all_item_embeddings(content_only=True))
         return F.cross_entropy(similarity * self.logit_scale, positives)
-
-    def _mask_seen(self, similarity: torch.Tensor, batch: dict, valid: torch.Tensor,
-                   positives: torch.Tensor) -> torch.Tensor:
-        """Each position's softmax without the user's earlier items (those before the window, `before`, and the
-        window's up to the position): evaluation and serving never rank them, so training need not push them
-        down. The target keeps its score (a repeated item is still a target)."""
-        history, target_scores = batch["history"], similarity.gather(1, positives[:, None])
-        steps = torch.arange(history.shape[1], device=history.device)
-        later = steps[None, :] > steps[:, None]  # (t, s): item s comes after position t
-        seen = history[:, None, :].expand(-1, len(steps), -1).masked_fill(later, self.pad)[valid]  # (P, L)
-        sink = torch.cat([similarity, similarity.new_zeros(len(similarity), 1)], dim=1)  # column `pad` absorbs pads
-        similarity = sink.scatter(1, seen, float("-inf"))
-        if "before" in batch:  # (B, K) left-padded items before the window (TrainWindows.carry_before)
-            earlier = similarity.new_zeros((len(history), similarity.shape[1]), dtype=torch.bool)
-            earlier.scatter_(1, batch["before"], True)  # (B, N + 1)
-            similarity = similarity.masked_fill(earlier[torch.nonzero(valid, as_tuple=True)[0]], float("-inf"))
-        return similarity[:, : self.n_items].scatter(1, positives[:, None], target_scores)
 
     def _sampled_scores(self, batch: dict, valid: torch.Tensor, positives: torch.Tensor) -> tuple:
         """In-batch targets + `num_negatives` uniform draws from the trained items, with log-Q correction."""
@@ -252,15 +236,9 @@ class MultimodalRecommender(pl.LightningModule):
         in_pool = torch.searchsorted(pool, candidates)
         cand_vectors = pool_vectors[in_pool]  # (C, d)
         similarity = queries @ cand_vectors.T + pool_biases[in_pool]  # (P, C), as evaluation and serving score
-        correction = self._log_inclusion(candidates, len(positives)) if self.hparams.logq else None
+        correction = (log_inclusion(candidates, len(positives), self.log_popularity, self.hparams.num_negatives,
+                                    len(self.negative_pool)) if self.hparams.logq else None)
         return queries, cand_vectors, similarity, labels, correction
-
-    def _log_inclusion(self, candidates: torch.Tensor, n_positives: int) -> torch.Tensor:
-        """log P(candidate is in the de-duplicated pool): in-batch targets are drawn by popularity, so
-        without this correction popular items are pushed down as negatives (log-Q correction)."""
-        share = torch.exp(self.log_popularity[candidates] - self.log_popularity.logsumexp(0))
-        expected = n_positives * share + self.hparams.num_negatives / len(self.negative_pool)
-        return torch.log(-torch.expm1(-expected))  # 1 - (1 - p)^n ~ 1 - exp(-expected)
 
     def _ranker_loss(self, queries, cand_vectors, similarity, labels, correction=None) -> torch.Tensor:
         """Listwise softmax over the top-M retrieved candidates of the pool, on the positions whose positive

@@ -1,0 +1,34 @@
+"""Terms of the retrieval softmax that depend on the batch alone: the items a position must not be trained
+against (`mask_seen`) and the sampled loss's log-Q correction (`log_inclusion`)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def mask_seen(similarity: torch.Tensor, batch: dict, valid: torch.Tensor, positives: torch.Tensor,
+              pad: int) -> torch.Tensor:
+    """(P, N) full-softmax scores -> each position's softmax without the user's earlier items (those before the
+    window, `before`, and the window's up to the position): evaluation and serving never rank them, so training
+    need not push them down. The target keeps its score (a repeated item is still a target). `pad` = N."""
+    history, target_scores = batch["history"], similarity.gather(1, positives[:, None])
+    steps = torch.arange(history.shape[1], device=history.device)
+    later = steps[None, :] > steps[:, None]  # (t, s): item s comes after position t
+    seen = history[:, None, :].expand(-1, len(steps), -1).masked_fill(later, pad)[valid]  # (P, L)
+    sink = torch.cat([similarity, similarity.new_zeros(len(similarity), 1)], dim=1)  # column `pad` absorbs pads
+    similarity = sink.scatter(1, seen, float("-inf"))
+    if "before" in batch:  # (B, K) left-padded items before the window (TrainWindows.carry_before)
+        earlier = similarity.new_zeros((len(history), similarity.shape[1]), dtype=torch.bool)
+        earlier.scatter_(1, batch["before"], True)  # (B, N + 1)
+        similarity = similarity.masked_fill(earlier[torch.nonzero(valid, as_tuple=True)[0]], float("-inf"))
+    return similarity[:, :pad].scatter(1, positives[:, None], target_scores)
+
+
+def log_inclusion(candidates: torch.Tensor, n_positives: int, log_popularity: torch.Tensor, num_negatives: int,
+                  pool_size: int) -> torch.Tensor:
+    """log P(candidate is in the de-duplicated pool): in-batch targets are drawn by popularity, so without this
+    correction popular items are pushed down as negatives (log-Q correction). `num_negatives` uniform draws
+    from `pool_size` trained items."""
+    share = torch.exp(log_popularity[candidates] - log_popularity.logsumexp(0))
+    expected = n_positives * share + num_negatives / pool_size
+    return torch.log(-torch.expm1(-expected))  # 1 - (1 - p)^n ~ 1 - exp(-expected)
