@@ -118,3 +118,19 @@ def test_dot_scores_keep_the_norms_and_cosine_drops_them(tiny_shop_dir):
         norms = torch.cat([vectors.norm(dim=1), query.norm(dim=1)])
         unit = torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
         assert unit == (score == "cosine")
+
+
+def test_future_loss_adds_the_softmax_on_the_items_further_ahead(tiny_shop_dir):
+    base, batch = tiny_model(tiny_shop_dir, loss="full", score="dot")
+    model, _ = tiny_model(tiny_shop_dir, loss="full", score="dot", future_steps=2, future_weight=0.5)
+    with torch.no_grad():
+        extra = float(model.training_step(batch, 0)) - float(base.training_step(batch, 0))
+    ahead = []
+    for step in (1, 2):  # position t's target `step` steps further: the next item of position t + step
+        shifted = dict(batch, targets=torch.full_like(batch["targets"], -100))
+        shifted["targets"][:, :-step] = batch["targets"][:, step:]
+        shifted["targets"][batch["targets"] < 0] = -100  # only positions with a next item of their own
+        ahead.append(hand_full_softmax(model, shifted, 1.0))
+    assert extra == pytest.approx(0.5 * sum(ahead) / 2, rel=1e-4)
+    with pytest.raises(ValueError, match="full softmax"):
+        tiny_model(tiny_shop_dir, loss="sampled", future_steps=1)

@@ -35,7 +35,7 @@ from multimodal_rec.distributed import broadcast_running_stats
 from multimodal_rec.evaluation.metrics import RankingEvaluator, all_reduce_evaluators
 from multimodal_rec.models.components.item_bias import ItemBias
 from multimodal_rec.models.components.scoring import SCORES, retrieval_vectors
-from multimodal_rec.models.softmax_terms import log_inclusion, mask_seen
+from multimodal_rec.models.softmax_terms import future_loss, log_inclusion, mask_seen
 
 if TYPE_CHECKING:
     from multimodal_rec.models.encoders_setup import EncoderBundle
@@ -55,7 +55,8 @@ class MultimodalRecommender(pl.LightningModule):
                  encoder_lr_scale: float = 0.1, item_bias: bool = False, loss: str = "auto",
                  full_softmax_max_items: int = FULL_SOFTMAX_MAX_ITEMS, score: str = "cosine",
                  ks: tuple = (10, 20), privacy: dict | None = None, mask_seen: bool = False,
-                 content_loss_weight: float = 0.0, cold_offset: float = 0.0):
+                 content_loss_weight: float = 0.0, cold_offset: float = 0.0, future_steps: int = 0,
+                 future_weight: float = 0.5):
         # score defaults to cosine here (conf/model says dot): checkpoints saved before the choice rebuild as they
         # were trained
         super().__init__()
@@ -69,6 +70,8 @@ class MultimodalRecommender(pl.LightningModule):
         self.full_softmax = loss == "full" or (loss == "auto" and bundle.n_items <= full_softmax_max_items)
         if content_loss_weight > 0 and not self.full_softmax:
             raise ValueError("content_loss_weight needs the full softmax (loss=full): it scores every item's content")
+        if future_steps > 0 and not self.full_softmax:
+            raise ValueError("future_steps needs the full softmax (loss=full): it reuses each position's scores")
         # cosine: logits = cos / temperature; dot: logits = q . v, the vectors' norms carry the scale
         self.logit_scale = 1.0 / temperature if score == "cosine" else 1.0
         self.items, self.users = bundle.item_inputs, bundle.user_inputs
@@ -182,13 +185,17 @@ class MultimodalRecommender(pl.LightningModule):
         valid = targets != IGNORE_TARGET
         positives = targets[valid]  # (P,)
         if self.full_softmax:
-            queries, cand_vectors, similarity, labels, correction = self._full_scores(batch, valid, positives)
+            queries, cand_vectors, similarity, labels, correction, future = self._full_scores(batch, valid, positives)
         else:
             queries, cand_vectors, similarity, labels, correction = self._sampled_scores(batch, valid, positives)
+            future = None
         logits = similarity * self.logit_scale
         retrieval_loss = F.cross_entropy(logits if correction is None else logits - correction, labels)
         loss = retrieval_loss
         self.log("train/retrieval_loss", retrieval_loss, prog_bar=True, batch_size=len(positives))
+        if future is not None:
+            loss = loss + self.hparams.future_weight * future
+            self.log("train/future_loss", future, batch_size=len(positives))
         if self.hparams.content_loss_weight > 0:
             content_loss = self._content_only_loss(queries, positives)
             loss = loss + self.hparams.content_loss_weight * content_loss
@@ -202,14 +209,17 @@ class MultimodalRecommender(pl.LightningModule):
         return loss
 
     def _full_scores(self, batch: dict, valid: torch.Tensor, positives: torch.Tensor) -> tuple:
-        """Every item is a candidate: (P, N) scores, items never trained on (cold) masked out of the softmax."""
+        """Every item is a candidate: (P, N) scores, items never trained on (cold) masked out of the softmax;
+        with `future_steps`, the mean loss of the same scores on the items 2..1+future_steps steps ahead."""
         all_vectors, all_biases = self.all_item_embeddings()  # (N, d), (N,)
         queries = self.queries(batch["history"], batch["user"], batch["context_hour"],
                                item_vectors=all_vectors)[valid]  # (P, d)
         similarity = self._trained_similarity(queries, all_vectors, all_biases)
+        future = (future_loss(similarity * self.logit_scale, batch["targets"], valid, self.hparams.future_steps,
+                              IGNORE_TARGET) if self.hparams.future_steps > 0 else None)
         if self.hparams.mask_seen:
             similarity = mask_seen(similarity, batch, valid, positives, self.pad)
-        return queries, all_vectors, similarity, positives, None
+        return queries, all_vectors, similarity, positives, None, future
 
     def _trained_similarity(self, queries: torch.Tensor, vectors: torch.Tensor, biases: torch.Tensor) -> torch.Tensor:
         """(P, N) retrieval scores over the whole catalogue, items never trained on (cold) out (-inf)."""

@@ -1,9 +1,11 @@
 """Terms of the retrieval softmax that depend on the batch alone: the items a position must not be trained
-against (`mask_seen`) and the sampled loss's log-Q correction (`log_inclusion`)."""
+against (`mask_seen`), the sampled loss's log-Q correction (`log_inclusion`) and the loss on the items further
+ahead (`future_loss`)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def mask_seen(similarity: torch.Tensor, batch: dict, valid: torch.Tensor, positives: torch.Tensor,
@@ -32,3 +34,19 @@ def log_inclusion(candidates: torch.Tensor, n_positives: int, log_popularity: to
     share = torch.exp(log_popularity[candidates] - log_popularity.logsumexp(0))
     expected = n_positives * share + num_negatives / pool_size
     return torch.log(-torch.expm1(-expected))  # 1 - (1 - p)^n ~ 1 - exp(-expected)
+
+
+def future_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, steps: int,
+                ignore: int) -> torch.Tensor:
+    """Cross-entropy of each position's (P, N) logits on the items 2..1+steps steps ahead (the next item is the
+    main loss's), averaged over the steps a window still holds: the query learns what the user goes on to take,
+    not only the next item, which is what ranking one step beyond the training data asks (PinnerFormer's dense
+    future loss). `targets` (B, L) are the next items (`ignore` where none), `valid` their (B, L) mask."""
+    losses = []
+    for step in range(1, steps + 1):
+        ahead = torch.full_like(targets, ignore)
+        ahead[:, :-step] = targets[:, step:]  # the next item of position t + step
+        ahead = ahead[valid]  # (P,)
+        if (ahead != ignore).any():
+            losses.append(F.cross_entropy(logits, ahead, ignore_index=ignore))
+    return torch.stack(losses).mean() if losses else logits.sum() * 0.0
