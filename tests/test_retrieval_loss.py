@@ -12,6 +12,7 @@ from multimodal_rec.models.build import build_model
 from multimodal_rec.models.components.history_encoder import HistoryEncoder
 from multimodal_rec.models.components.item_tower import ItemTower
 from multimodal_rec.models.recommender import MultimodalRecommender
+from multimodal_rec.models.softmax_terms import future_loss
 from tests.conftest import tiny_datamodule
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*self.log.*")
@@ -134,3 +135,12 @@ def test_future_loss_adds_the_softmax_on_the_items_further_ahead(tiny_shop_dir):
     assert extra == pytest.approx(0.5 * sum(ahead) / 2, rel=1e-4)
     with pytest.raises(ValueError, match="full softmax"):
         tiny_model(tiny_shop_dir, loss="sampled", future_steps=1)
+
+
+def test_future_loss_is_zero_when_no_window_reaches_that_far():
+    logits = torch.tensor([[0.5, 2.0, float("-inf")], [1.0, -1.0, float("-inf")]])  # column 2: a cold item
+    short = torch.tensor([[1, -100]])  # a window with one target: nothing further ahead
+    assert float(future_loss(logits[:1], short, short >= 0, steps=2, ignore=-100)) == 0.0
+    window = torch.tensor([[0, 1]])  # position 0's next item is 0, the one after it 1
+    expected = torch.nn.functional.cross_entropy(logits[:1], torch.tensor([1]))
+    assert float(future_loss(logits, window, window >= 0, steps=2, ignore=-100)) == pytest.approx(float(expected))

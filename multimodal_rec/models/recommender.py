@@ -99,6 +99,8 @@ class MultimodalRecommender(pl.LightningModule):
             if not self.full_softmax:
                 raise ValueError("privacy=dp needs the full softmax (model.recommender.loss=full): the sampled loss "
                                  "uses other users' items as negatives, so a user's gradient would depend on others'")
+            if future_steps > 0:
+                raise ValueError("privacy=dp trains on each position's next item only: set future_steps=0")
             if self.ranker is not None or self.bias_head is not None:
                 raise ValueError("privacy=dp trains the retrieval model only: set model.recommender.rerank_top=0 "
                                  "and item_bias=false")
@@ -215,6 +217,7 @@ class MultimodalRecommender(pl.LightningModule):
         queries = self.queries(batch["history"], batch["user"], batch["context_hour"],
                                item_vectors=all_vectors)[valid]  # (P, d)
         similarity = self._trained_similarity(queries, all_vectors, all_biases)
+        # before mask_seen: an item further ahead may repeat one of the user's earlier items
         future = (future_loss(similarity * self.logit_scale, batch["targets"], valid, self.hparams.future_steps,
                               IGNORE_TARGET) if self.hparams.future_steps > 0 else None)
         if self.hparams.mask_seen:
