@@ -5,7 +5,6 @@ ahead (`future_loss`)."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def mask_seen(similarity: torch.Tensor, batch: dict, valid: torch.Tensor, positives: torch.Tensor,
@@ -42,11 +41,12 @@ def future_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor
     main loss's), averaged over the steps a window still holds: the query learns what the user goes on to take,
     not only the next item, which is what ranking one step beyond the training data asks (PinnerFormer's dense
     future loss). `targets` (B, L) are the next items (`ignore` where none), `valid` their (B, L) mask."""
-    losses = []
+    ahead = torch.full((steps, *targets.shape), ignore, dtype=targets.dtype, device=targets.device)
     for step in range(1, steps + 1):
-        ahead = torch.full_like(targets, ignore)
-        ahead[:, :-step] = targets[:, step:]  # the next item of position t + step
-        ahead = ahead[valid]  # (P,)
-        if (ahead != ignore).any():
-            losses.append(F.cross_entropy(logits, ahead, ignore_index=ignore))
-    return torch.stack(losses).mean() if losses else logits.new_zeros(())  # windows too short to look ahead
+        ahead[step - 1, :, :-step] = targets[:, step:]  # the next item of position t + step
+    ahead = ahead[:, valid].T  # (P, steps)
+    held = ahead != ignore
+    log_probs = logits.log_softmax(dim=1).gather(1, ahead.clamp_min(0))  # one softmax for every step
+    per_step = -torch.where(held, log_probs, 0.0).sum(0) / held.sum(0).clamp_min(1)  # (steps,)
+    reached = held.any(0)
+    return (per_step * reached).sum() / reached.sum().clamp_min(1)  # 0 when no window looks that far ahead
