@@ -155,3 +155,35 @@ def test_content_shrinkage_weighs_content_by_the_items_evidence():
     torch.testing.assert_close(shrunk[2, 1:], unshrunk[2, 1:] * 0.5)
     torch.testing.assert_close(shrunk[1], unshrunk[1])  # ID not used: content is all there is
     torch.testing.assert_close(shrunk[3], unshrunk[3])
+
+
+def test_whitening_decorrelates_the_catalogues_features_and_is_rebuilt_with_the_tower():
+    from multimodal_rec.models.components.whitening import FeatureWhitening
+    from multimodal_rec.safe_modules import build_module, module_spec
+
+    torch.manual_seed(0)
+    features = torch.randn(500, 6) @ torch.diag(torch.tensor([10.0, 5.0, 1.0, 1.0, 0.5, 0.1])) + 3.0
+    features = features @ torch.linalg.qr(torch.randn(6, 6))[0]  # anisotropic, rotated, off-centre
+    whitening = FeatureWhitening(6, eps=1e-9)
+    whitening.fit(features)
+    white = whitening(features)
+    torch.testing.assert_close(white.mean(0), torch.zeros(6), atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.cov(white.T), torch.eye(6), atol=1e-3, rtol=0)
+    # eps shrinks the weak directions instead of blowing them up
+    relaxed = FeatureWhitening(6, eps=0.1)
+    relaxed.fit(features)
+    assert torch.cov(relaxed(features).T).diagonal().max() < 1.0
+    with pytest.raises(ValueError, match="whitening needs"):
+        relaxed.fit(features[:1])
+
+    tower = ItemTower(8, n_items=10, image_dim=16, text_dim=12, fusion="residual", whiten=True).eval()
+    inputs = _tower_inputs(4, 10)
+    table = type("Inputs", (), {"image": torch.randn(11, 16) * torch.arange(1, 17.0), "text": torch.randn(11, 12),
+                                "has_image": torch.ones(11, dtype=torch.bool),
+                                "has_text": torch.ones(11, dtype=torch.bool)})
+    before = tower(inputs)
+    tower.fit_whitening(table)
+    assert not torch.allclose(tower(inputs), before)  # the fitted statistics are used
+    rebuilt = build_module(module_spec(tower)).eval()
+    rebuilt.load_state_dict(tower.state_dict())  # the statistics travel with the weights, as export saves them
+    torch.testing.assert_close(rebuilt(inputs), tower(inputs))

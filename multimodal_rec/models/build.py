@@ -17,6 +17,7 @@ def build_model(datamodule: RecDataModule, recommender: Callable, modalities=MOD
     bundle = build_bundle(datamodule, tuple(modalities), image_encoder, text_encoder, cache_dir,
                           neighbours=content_neighbours)
     model = recommender(bundle=bundle)
+    model.item_tower.fit_whitening(bundle.item_inputs)  # with whiten=true: the catalogue's own statistics
     datamodule.train_set.carry_before = bool(model.hparams.get("mask_seen"))  # the windows' earlier items
     model.test_stages = datamodule.test_stages()
     model.frozen_encoders = bundle.frozen_encoders  # a plain dict, not submodules: not trained, not checkpointed

@@ -13,6 +13,7 @@ from torch import nn
 
 from multimodal_rec.models.components.attributes import AttributeEncoder
 from multimodal_rec.models.components.fusion import ConcatFusion, GatedFusion, ResidualFusion
+from multimodal_rec.models.components.whitening import FeatureWhitening
 from multimodal_rec.safe_modules import rebuildable
 
 MODALITIES = ("id", "image", "text", "attributes")
@@ -21,14 +22,16 @@ MODALITIES = ("id", "image", "text", "attributes")
 ID_INIT_STD = 0.02
 
 
-def _projection(in_dim: int, dim: int, dropout: float) -> nn.Module:
+def _projection(in_dim: int, dim: int, dropout: float, whiten_eps: float | None = None) -> nn.Module:
     """Frozen features -> d. The output starts at the scale of the ID embedding (std ID_INIT_STD per
     coordinate): with PyTorch's default init a projected 1280-d feature is ~30x larger, so content would
-    drown the ID vectors of warm items until they grow, which costs warm accuracy in a fixed epoch budget."""
+    drown the ID vectors of warm items until they grow, which costs warm accuracy in a fixed epoch budget.
+    With `whiten_eps`, the features are whitened (fitted by `ItemTower.fit_whitening`) instead of layer-normed."""
     linear = nn.Linear(in_dim, dim)
     nn.init.normal_(linear.weight, std=ID_INIT_STD / in_dim**0.5)
     nn.init.zeros_(linear.bias)
-    return nn.Sequential(nn.LayerNorm(in_dim), nn.Dropout(dropout), linear)
+    first = nn.LayerNorm(in_dim) if whiten_eps is None else FeatureWhitening(in_dim, whiten_eps)
+    return nn.Sequential(first, nn.Dropout(dropout), linear)
 
 
 @rebuildable
@@ -38,7 +41,7 @@ class ItemTower(nn.Module):
                  modalities: tuple = MODALITIES, id_dropout: float = 0.2, fusion: str = "gated",
                  dropout: float = 0.1, feature_dropout: float | None = None, neighbours: int = 0,
                  content_shrinkage: float = 0.0, image_encoder: nn.Module | None = None,
-                 text_encoder: nn.Module | None = None):
+                 text_encoder: nn.Module | None = None, whiten: bool = False, whiten_eps: float = 0.1):
         super().__init__()
         unknown = sorted(set(modalities) - set(MODALITIES))
         if unknown or not modalities:
@@ -52,11 +55,13 @@ class ItemTower(nn.Module):
             self.unknown_id = nn.Parameter(torch.zeros(dim))
         if "image" in self.modalities:
             self.image_encoder = image_encoder
-            self.image_proj = _projection(image_encoder.out_dim if image_encoder else image_dim, dim, feature_dropout)
+            self.image_proj = _projection(image_encoder.out_dim if image_encoder else image_dim, dim, feature_dropout,
+                                          whiten_eps if whiten and image_encoder is None else None)
             self.missing_image = nn.Parameter(torch.zeros(dim))
         if "text" in self.modalities:
             self.text_encoder = text_encoder
-            self.text_proj = _projection(text_encoder.out_dim if text_encoder else text_dim, dim, feature_dropout)
+            self.text_proj = _projection(text_encoder.out_dim if text_encoder else text_dim, dim, feature_dropout,
+                                         whiten_eps if whiten and text_encoder is None else None)
             self.missing_text = nn.Parameter(torch.zeros(dim))
         if "attributes" in self.modalities:
             self.attributes = AttributeEncoder(dim, list(categorical_sizes), n_multi, n_numeric, init_std=ID_INIT_STD)
@@ -65,6 +70,14 @@ class ItemTower(nn.Module):
         self.part_names = self.modalities + (("neighbours",) if self.neighbours else ())
         fusion_cls = {"gated": GatedFusion, "concat": ConcatFusion, "residual": ResidualFusion}[fusion]
         self.fusion = fusion_cls(dim, len(self.part_names), dropout=dropout)
+
+    def fit_whitening(self, inputs: nn.Module) -> None:
+        """Fits the whitening of each frozen modality (`whiten=true`) on the catalogue's features (ItemInputs'
+        tables), over the items that have that modality; fine-tuned encoders' outputs are not whitened."""
+        for kind in ("image", "text"):
+            projection = getattr(self, f"{kind}_proj", None)
+            if projection is not None and isinstance(projection[0], FeatureWhitening):
+                projection[0].fit(getattr(inputs, kind)[getattr(inputs, f"has_{kind}")])
 
     @staticmethod
     def _fill(vectors: torch.Tensor, present: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
