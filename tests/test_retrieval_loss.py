@@ -12,7 +12,7 @@ from multimodal_rec.models.build import build_model
 from multimodal_rec.models.components.history_encoder import HistoryEncoder
 from multimodal_rec.models.components.item_tower import ItemTower
 from multimodal_rec.models.recommender import MultimodalRecommender
-from multimodal_rec.models.softmax_terms import future_loss
+from multimodal_rec.models.softmax_terms import future_loss, smoothed_cross_entropy
 from tests.conftest import tiny_datamodule
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*self.log.*")
@@ -144,3 +144,18 @@ def test_future_loss_is_zero_when_no_window_reaches_that_far():
     window = torch.tensor([[0, 1]])  # position 0's next item is 0, the one after it 1
     expected = torch.nn.functional.cross_entropy(logits[:1], torch.tensor([1]))
     assert float(future_loss(logits, window, window >= 0, steps=2, ignore=-100)) == pytest.approx(float(expected))
+
+
+def test_label_smoothing_spreads_the_target_over_the_trained_items_only():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(3, 5), torch.tensor([0, 2, 4])
+    torch.testing.assert_close(smoothed_cross_entropy(logits, labels, 0.1),
+                               torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1))
+    untrained = torch.cat([logits, torch.full((3, 2), float("-inf"))], dim=1)  # two cold columns
+    expected = 0.0
+    for row, label in zip(logits, labels):  # by hand, over the five trained items
+        log_p = row - torch.logsumexp(row, 0)
+        expected += float(-(0.9 * log_p[label] + 0.1 * log_p.mean())) / 3
+    assert smoothed_cross_entropy(untrained, labels, 0.1).item() == pytest.approx(expected, rel=1e-5)
+    assert smoothed_cross_entropy(untrained, labels, 0.0).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-6)

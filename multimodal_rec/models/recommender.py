@@ -35,7 +35,7 @@ from multimodal_rec.distributed import broadcast_running_stats
 from multimodal_rec.evaluation.metrics import RankingEvaluator, all_reduce_evaluators
 from multimodal_rec.models.components.item_bias import ItemBias
 from multimodal_rec.models.components.scoring import SCORES, retrieval_vectors
-from multimodal_rec.models.softmax_terms import future_loss, log_inclusion, mask_seen
+from multimodal_rec.models.softmax_terms import future_loss, log_inclusion, mask_seen, smoothed_cross_entropy
 
 if TYPE_CHECKING:
     from multimodal_rec.models.encoders_setup import EncoderBundle
@@ -56,7 +56,7 @@ class MultimodalRecommender(pl.LightningModule):
                  full_softmax_max_items: int = FULL_SOFTMAX_MAX_ITEMS, score: str = "cosine",
                  ks: tuple = (10, 20), privacy: dict | None = None, mask_seen: bool = False,
                  content_loss_weight: float = 0.0, cold_offset: float = 0.0, future_steps: int = 0,
-                 future_weight: float = 0.5):
+                 future_weight: float = 0.5, label_smoothing: float = 0.0):
         # score defaults to cosine here (conf/model says dot): checkpoints saved before the choice rebuild as they
         # were trained
         super().__init__()
@@ -192,7 +192,8 @@ class MultimodalRecommender(pl.LightningModule):
             queries, cand_vectors, similarity, labels, correction = self._sampled_scores(batch, valid, positives)
             future = None
         logits = similarity * self.logit_scale
-        retrieval_loss = F.cross_entropy(logits if correction is None else logits - correction, labels)
+        retrieval_loss = smoothed_cross_entropy(logits if correction is None else logits - correction, labels,
+                                                self.hparams.label_smoothing)
         loss = retrieval_loss
         self.log("train/retrieval_loss", retrieval_loss, prog_bar=True, batch_size=len(positives))
         if future is not None:

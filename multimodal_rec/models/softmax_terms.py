@@ -5,6 +5,7 @@ ahead (`future_loss`)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def mask_seen(similarity: torch.Tensor, batch: dict, valid: torch.Tensor, positives: torch.Tensor,
@@ -50,3 +51,15 @@ def future_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor
     per_step = -torch.where(held, log_probs, 0.0).sum(0) / held.sum(0).clamp_min(1)  # (steps,)
     reached = held.any(0)
     return (per_step * reached).sum() / reached.sum().clamp_min(1)  # 0 when no window looks that far ahead
+
+
+def smoothed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Cross-entropy with label smoothing over the candidates a row can score (columns at -inf, the items never
+    trained on, take no share; torch's `label_smoothing` would give them one and return inf)."""
+    if smoothing == 0:
+        return F.cross_entropy(logits, labels)
+    log_probs = logits.log_softmax(dim=1)
+    finite = torch.isfinite(logits)
+    nll = -log_probs.gather(1, labels[:, None]).squeeze(1)
+    uniform = -torch.where(finite, log_probs, 0.0).sum(1) / finite.sum(1)
+    return ((1 - smoothing) * nll + smoothing * uniform).mean()
