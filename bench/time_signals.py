@@ -1,12 +1,15 @@
 """How much the clock says about the next item, before any model: is a time feature worth building?
 
     python bench/time_signals.py                  # ml100k_mm, the split the models are evaluated on
+    python bench/time_signals.py --runs logs/bench/final/full_id_image_text_attributes_seed*   # on a model
 
 For each validation and test target at time t it ranks all items by their training interactions in the
 `W` days before t (strictly before: nothing after the query time is read; ties by all training
 interactions before t), the user's earlier items excluded, and prints NDCG@10 / HR@10 per window, against
 all-time popularity. It also prints how long after the user's previous event the targets come (the
-"time since last event" feature a query tower could read).
+"time since last event" feature a query tower could read). With `--runs` (trained runs, each on its own
+split), it adds beta * log(1 + the item's training interactions in the W days before t) to the model's
+retrieval scores instead: what the clock adds to what the model already knows.
 """
 
 from __future__ import annotations
@@ -28,30 +31,80 @@ DAY = 86_400
 WINDOWS = (1, 7, 14, 30, 90, None)  # days; None: every training interaction before t
 
 
-def recent_popularity_ranks(split: Split, stage: str, days: int | None) -> np.ndarray:
-    """0-based rank of each target of `stage` when items are ordered by their training interactions in the
-    `days` before the target's time (all of them before it with None)."""
+def recent_counts(split: Split, stage: str, days: int | None) -> np.ndarray:
+    """(targets of `stage`, N): each item's training interactions in the `days` before the target's time
+    (strictly before t; all of them before it with None), plus 1e-6 x all those before t (ties)."""
     train = split.train_interactions().sort_values("timestamp", kind="stable")
     items, times = train["item"].to_numpy(), train["timestamp"].to_numpy()
-    users, positions = split.target_positions(stage)
-    ranks = np.empty(len(users), dtype=np.int64)
-    for row, (user, position) in enumerate(zip(users, positions)):
+    _, positions = split.target_positions(stage)
+    counts = np.empty((len(positions), split.n_items))
+    for row, position in enumerate(positions):
         t = split.timestamps[position]
         before = np.searchsorted(times, t, side="left")  # events strictly before t
         start = 0 if days is None else np.searchsorted(times, t - days * DAY, side="left")
-        score = np.bincount(items[start:before], minlength=split.n_items).astype(np.float64)
-        score += 1e-6 * np.bincount(items[:before], minlength=split.n_items)
+        counts[row] = np.bincount(items[start:before], minlength=split.n_items)
+        counts[row] += 1e-6 * np.bincount(items[:before], minlength=split.n_items)
+    return counts
+
+
+def recent_popularity_ranks(split: Split, stage: str, days: int | None) -> np.ndarray:
+    """0-based rank of each target of `stage` when items are ordered by `recent_counts`."""
+    users, positions = split.target_positions(stage)
+    counts = recent_counts(split, stage, days)
+    ranks = np.empty(len(users), dtype=np.int64)
+    for row, (user, position) in enumerate(zip(users, positions)):
+        score = counts[row]
         score[split.seen(int(user), stage)] = -1.0
-        target = split.items[position]
-        ranks[row] = int((score > score[target]).sum())
+        ranks[row] = int((score > score[split.items[position]]).sum())
     return ranks
+
+
+@torch.no_grad()
+def blended(run: Path, betas: tuple[float, ...], windows: tuple[int, ...]) -> dict:
+    """{(stage, days, beta): NDCG@10} of a trained run's retrieval scores + beta * log(1 + recent counts)."""
+    from multimodal_rec.evaluation.protocol import eval_loader
+    from multimodal_rec.models.loading import resolve_checkpoint, restore_model
+
+    model, datamodule, _ = restore_model(resolve_checkpoint(run))
+    split, vectors, biases = datamodule.split, *model.all_item_embeddings()
+    out = {}
+    for stage in ("val", "test"):
+        batches = list(eval_loader(split, stage, datamodule.max_len))
+        scores = torch.cat([model.score_batch(batch, vectors, biases)["retrieval"] for batch in batches])
+        for days in windows:
+            recent = torch.log1p(torch.from_numpy(recent_counts(split, stage, days)).float())
+            for beta in betas:
+                evaluator, start = RankingEvaluator(split.n_items, ks=(10,)), 0
+                for batch in batches:
+                    rows = slice(start, start + len(batch["target"]))
+                    evaluator.update(scores[rows] + beta * recent[rows], batch["target"], batch["exclude_rows"],
+                                     batch["exclude_cols"])
+                    start = rows.stop
+                out[(stage, days, beta)] = evaluator.compute()["ndcg@10"]
+    return out
+
+
+def print_blends(runs: list[Path]) -> None:
+    betas, windows = (0.0, 0.05, 0.1, 0.2, 0.3), (1, 7, 30)
+    per_run = [blended(run, betas, windows) for run in runs]
+    rows = [{"window": f"{days} days", "beta": f"{beta:g}",
+             **{f"{stage} ndcg@10": float(np.mean([r[(stage, days, beta)] for r in per_run]))
+                for stage in ("val", "test")}}
+            for days in windows for beta in betas]
+    print(f"\nThe model's retrieval scores + beta * log(1 + training interactions in the window before t), mean of "
+          f"{len(runs)} runs ({machine()})\n")
+    print(markdown_table(rows, ("beta", "val ndcg@10", "test ndcg@10"), first="window"))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("data/ml100k_mm"), help="a prepared dataset")
     parser.add_argument("--cold-item-fraction", type=float, default=0.1)
+    parser.add_argument("--runs", type=Path, nargs="+", help="trained runs: blend the clock into their scores")
     args = parser.parse_args()
+    if args.runs:
+        print_blends(args.runs)
+        return
     split = build_split(load_dataset(args.data), args.cold_item_fraction, seed=0)
     rows = []
     for days in WINDOWS:
