@@ -47,3 +47,20 @@ def evaluate(
 def prefixed(metrics: dict[str, float], stage: str) -> dict[str, float]:
     """`ndcg@10` -> `test/ndcg@10` (DESIGN.md's metric names)."""
     return {f"{stage}/{name}": value for name, value in metrics.items()}
+
+
+def logged_metrics(evaluators: dict[str, RankingEvaluator]) -> dict[str, float]:
+    """Evaluators named "<stage>" or "<stage>/<variant>" -> `val/ndcg@10`, `val/retrieval_ndcg@10`, ... and
+    `<stage>/n_users`; stages without users are left out."""
+    logged = {}
+    for name, evaluator in evaluators.items():
+        metrics = evaluator.compute()
+        if metrics["n_users"] == 0:
+            continue
+        stage, _, variant = name.partition("/")
+        for metric, value in metrics.items():
+            if metric != "n_users":
+                logged[f"{stage}/{variant + '_' if variant else ''}{metric}"] = value
+            elif not variant:
+                logged[f"{stage}/n_users"] = value
+    return logged

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from multimodal_rec.data.sequences import IGNORE_TARGET
 from multimodal_rec.distributed import broadcast_running_stats
 from multimodal_rec.evaluation.metrics import RankingEvaluator, all_reduce_evaluators
+from multimodal_rec.evaluation.protocol import logged_metrics
 from multimodal_rec.models.components.item_bias import ItemBias
 from multimodal_rec.models.components.scoring import SCORES, retrieval_vectors
 from multimodal_rec.models.softmax_terms import future_loss, log_inclusion, mask_seen, smoothed_cross_entropy
@@ -316,17 +317,7 @@ class MultimodalRecommender(pl.LightningModule):
         # every rank saw a disjoint slice of the users: after the sum, every rank computes the same global
         # metrics over all users, each counted once (so ModelCheckpoint/EarlyStopping agree on all ranks)
         all_reduce_evaluators(list(self.evaluators.values()), device=self.device)
-        logged = {}
-        for name, evaluator in self.evaluators.items():
-            metrics = evaluator.compute()
-            if metrics["n_users"] == 0:
-                continue
-            stage, _, variant = name.partition("/")
-            for metric, value in metrics.items():
-                if metric != "n_users":
-                    logged[f"{stage}/{variant + '_' if variant else ''}{metric}"] = value
-                elif not variant:
-                    logged[f"{stage}/n_users"] = value
+        logged = logged_metrics(self.evaluators)
         headline = {k: v for k, v in logged.items() if k.endswith("/ndcg@10")}
         # the values are already global and equal on all ranks; "max" of equal values leaves them exact and
         # keeps Lightning from warning that epoch-level values are not synced
