@@ -103,3 +103,18 @@ def test_resuming_continues_both_the_raw_and_the_averaged_weights(tmp_path):
 def test_decay_must_be_a_fraction():
     with pytest.raises(ValueError, match="decay"):
         ParameterEMA(decay=1.0)
+    with pytest.raises(ValueError, match="warmup"):
+        ParameterEMA(warmup=1.0)
+
+
+@pytest.mark.parametrize("warmup, step, expected", [(10, 0, 0.1), (10, 800, 801 / 810), (2, 98, 0.99), (2, 500, 0.99)])
+def test_warmup_caps_the_decay_until_the_run_is_long_enough(warmup, step, expected):
+    ema = ParameterEMA(decay=0.99, warmup=warmup)
+    module = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        module.weight.fill_(0.0)
+    ema.average = {"weight": torch.ones(1, 1)}
+    trainer = type("Trainer", (), {"global_step": step})()
+    ema.on_train_batch_end(trainer, type("Module", (), {"named_parameters": module.named_parameters})(), None, None, 0)
+    # average <- decay * 1 + (1 - decay) * 0
+    assert ema.average["weight"].item() == pytest.approx(expected)
