@@ -117,3 +117,14 @@ def test_a_run_stops_before_it_would_exceed_its_epsilon(tmp_path):
     manifest = export(export_config(tmp_path / "first" / "checkpoints" / "last.ckpt", tmp_path / "artifacts"))
     assert manifest["privacy"]["epsilon_spent"] == planned["epsilon_spent"]
     assert RecommenderService(tmp_path / "artifacts").describe()["privacy"]["unit"] == "user"  # what /readyz shows
+
+
+@pytest.mark.parametrize("setting", [{"future_steps": 1}, {"label_smoothing": 0.1}])
+def test_private_training_refuses_terms_it_does_not_compute(tiny_shop_dir, setting):
+    datamodule = tiny_datamodule(tiny_shop_dir, max_len=5)
+    recommender = partial(MultimodalRecommender, item_tower=partial(ItemTower, fusion="residual"),
+                          history_encoder=partial(HistoryEncoder), ranker=None,
+                          optimizer=partial(torch.optim.SGD, lr=0.1), dim=8, loss="full", score="dot",
+                          rerank_top=0, privacy=PRIVATE, **setting)
+    with pytest.raises(ValueError, match="future_steps=0 and label_smoothing=0"):
+        build_model(datamodule, recommender, modalities=("id", "attributes"))

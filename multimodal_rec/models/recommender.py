@@ -100,8 +100,9 @@ class MultimodalRecommender(pl.LightningModule):
             if not self.full_softmax:
                 raise ValueError("privacy=dp needs the full softmax (model.recommender.loss=full): the sampled loss "
                                  "uses other users' items as negatives, so a user's gradient would depend on others'")
-            if future_steps > 0:
-                raise ValueError("privacy=dp trains on each position's next item only: set future_steps=0")
+            if future_steps > 0 or label_smoothing > 0:
+                raise ValueError("privacy=dp trains on each position's next item alone, unsmoothed: set "
+                                 "future_steps=0 and label_smoothing=0")
             if self.ranker is not None or self.bias_head is not None:
                 raise ValueError("privacy=dp trains the retrieval model only: set model.recommender.rerank_top=0 "
                                  "and item_bias=false")
