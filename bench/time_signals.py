@@ -31,11 +31,16 @@ DAY = 86_400
 WINDOWS = (1, 7, 14, 30, 90, None)  # days; None: every training interaction before t
 
 
-def recent_counts(split: Split, stage: str, days: int | None) -> np.ndarray:
-    """(targets of `stage`, N): each item's training interactions in the `days` before the target's time
-    (strictly before t; all of them before it with None), plus 1e-6 x all those before t (ties)."""
+def training_events(split: Split) -> tuple[np.ndarray, np.ndarray]:
+    """(items, timestamps) of the training interactions in time order: sorted once, read by every window."""
     train = split.train_interactions().sort_values("timestamp", kind="stable")
-    items, times = train["item"].to_numpy(), train["timestamp"].to_numpy()
+    return train["item"].to_numpy(), train["timestamp"].to_numpy()
+
+
+def recent_counts(events: tuple[np.ndarray, np.ndarray], split: Split, stage: str, days: int | None) -> np.ndarray:
+    """(targets of `stage`, N): each item's training interactions (`training_events`) in the `days` before the
+    target's time (strictly before t; all of them before it with None)."""
+    items, times = events
     _, positions = split.target_positions(stage)
     counts = np.empty((len(positions), split.n_items))
     for row, position in enumerate(positions):
@@ -43,14 +48,15 @@ def recent_counts(split: Split, stage: str, days: int | None) -> np.ndarray:
         before = np.searchsorted(times, t, side="left")  # events strictly before t
         start = 0 if days is None else np.searchsorted(times, t - days * DAY, side="left")
         counts[row] = np.bincount(items[start:before], minlength=split.n_items)
-        counts[row] += 1e-6 * np.bincount(items[:before], minlength=split.n_items)
     return counts
 
 
-def recent_popularity_ranks(split: Split, stage: str, days: int | None) -> np.ndarray:
-    """0-based rank of each target of `stage` when items are ordered by `recent_counts`."""
+def recent_popularity_ranks(events: tuple[np.ndarray, np.ndarray], split: Split, stage: str,
+                            days: int | None) -> np.ndarray:
+    """0-based rank of each target of `stage` when items are ordered by `recent_counts`, ties by all training
+    interactions before t."""
     users, positions = split.target_positions(stage)
-    counts = recent_counts(split, stage, days)
+    counts = recent_counts(events, split, stage, days) + 1e-6 * recent_counts(events, split, stage, None)
     ranks = np.empty(len(users), dtype=np.int64)
     for row, (user, position) in enumerate(zip(users, positions)):
         score = counts[row]
@@ -67,12 +73,12 @@ def blended(run: Path, betas: tuple[float, ...], windows: tuple[int, ...]) -> di
 
     model, datamodule, _ = restore_model(resolve_checkpoint(run))
     split, vectors, biases = datamodule.split, *model.all_item_embeddings()
-    out = {}
+    events, out = training_events(split), {}
     for stage in ("val", "test"):
         batches = list(eval_loader(split, stage, datamodule.max_len))
         scores = torch.cat([model.score_batch(batch, vectors, biases)["retrieval"] for batch in batches])
         for days in windows:
-            recent = torch.log1p(torch.from_numpy(recent_counts(split, stage, days)).float())
+            recent = torch.log1p(torch.from_numpy(recent_counts(events, split, stage, days)).float())
             for beta in betas:
                 evaluator, start = RankingEvaluator(split.n_items, ks=(10,)), 0
                 for batch in batches:
@@ -106,12 +112,12 @@ def main() -> None:
         print_blends(args.runs)
         return
     split = build_split(load_dataset(args.data), args.cold_item_fraction, seed=0)
-    rows = []
+    events, rows = training_events(split), []
     for days in WINDOWS:
         row = {"signal": f"training interactions in the {days} days before t" if days else "all before t"}
         for stage in ("val", "test"):
             evaluator = RankingEvaluator(split.n_items, ks=(10,))
-            evaluator.add_ranks(torch.from_numpy(recent_popularity_ranks(split, stage, days)))
+            evaluator.add_ranks(torch.from_numpy(recent_popularity_ranks(events, split, stage, days)))
             values = evaluator.compute()
             row[f"{stage} hr@10"], row[f"{stage} ndcg@10"] = values["hr@10"], values["ndcg@10"]
         rows.append(row)

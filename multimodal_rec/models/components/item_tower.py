@@ -49,6 +49,7 @@ class ItemTower(nn.Module):
         self.modalities = tuple(m for m in MODALITIES if m in modalities)
         self.dim, self.id_dropout, self.content_shrinkage = dim, id_dropout, content_shrinkage
         feature_dropout = dropout if feature_dropout is None else feature_dropout
+        frozen_whitening = whiten_eps if whiten else None  # frozen features only: an encoder's output moves
         if "id" in self.modalities:
             self.id_embedding = nn.Embedding(n_items + 1, dim)
             nn.init.normal_(self.id_embedding.weight, std=ID_INIT_STD)
@@ -56,12 +57,12 @@ class ItemTower(nn.Module):
         if "image" in self.modalities:
             self.image_encoder = image_encoder
             self.image_proj = _projection(image_encoder.out_dim if image_encoder else image_dim, dim, feature_dropout,
-                                          whiten_eps if whiten and image_encoder is None else None)
+                                          None if image_encoder else frozen_whitening)
             self.missing_image = nn.Parameter(torch.zeros(dim))
         if "text" in self.modalities:
             self.text_encoder = text_encoder
             self.text_proj = _projection(text_encoder.out_dim if text_encoder else text_dim, dim, feature_dropout,
-                                         whiten_eps if whiten and text_encoder is None else None)
+                                         None if text_encoder else frozen_whitening)
             self.missing_text = nn.Parameter(torch.zeros(dim))
         if "attributes" in self.modalities:
             self.attributes = AttributeEncoder(dim, list(categorical_sizes), n_multi, n_numeric, init_std=ID_INIT_STD)
