@@ -56,6 +56,18 @@ def test_train_on_validation_trains_the_validation_target_and_never_the_test_tar
     np.testing.assert_array_equal(split.history(0, "test"), [4, 1, 0, 2])  # what evaluation reads is unchanged
 
 
+def test_validation_gap_holds_the_steps_before_validation_out_of_training_only():
+    split = build_split(tiny_dataset(), validation_gap=1)
+    np.testing.assert_array_equal(split.train_sequence(0), [4, 1])  # item 11 (index 0) is the gap
+    np.testing.assert_array_equal(split.history(0, "val"), [4, 1, 0])  # ... and validation reads it
+    np.testing.assert_array_equal(split.targets("val")[1], [2])  # the targets do not move
+    np.testing.assert_array_equal(split.train_sequence(1), [1])  # too short for a gap: as before
+    wide = build_split(tiny_dataset(), validation_gap=5)
+    np.testing.assert_array_equal(wide.train_sequence(0), [4])  # at least one interaction stays trained
+    with pytest.raises(ValueError, match="refit"):
+        build_split(tiny_dataset(), validation_gap=1, train_on_validation=True)
+
+
 def test_cold_items_leave_training_and_are_reported_apart():
     data = tiny_dataset()
     split = build_split(data, cold_item_fraction=0.2, seed=3)

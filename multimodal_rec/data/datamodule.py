@@ -46,6 +46,7 @@ class RecDataModule(pl.LightningDataModule):
         image_size: int = 224,
         window_stride: int | None = None,
         train_on_validation: bool = False,
+        validation_gap: int = 0,
     ):
         super().__init__()
         self.name = name
@@ -53,6 +54,7 @@ class RecDataModule(pl.LightningDataModule):
         self.source = source
         self.max_len, self.cold_item_fraction, self.seed = max_len, cold_item_fraction, seed
         self.window_stride, self.train_on_validation = window_stride, train_on_validation
+        self.validation_gap = validation_gap
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.user_level_sampling = False  # set by training with privacy=dp
         self.text_tokenizer, self.max_text_len, self.image_size = text_tokenizer, max_text_len, image_size
@@ -97,7 +99,8 @@ class RecDataModule(pl.LightningDataModule):
         if self.split is not None:
             return
         self.dataset = load_dataset(self.processed_dir)
-        self.split = build_split(self.dataset, self.cold_item_fraction, self.seed, self.train_on_validation)
+        self.split = build_split(self.dataset, self.cold_item_fraction, self.seed, self.train_on_validation,
+                                 self.validation_gap)
         self.item_features = build_item_features(self.dataset, self.text_tokenizer, self.max_text_len)
         self.user_features = build_user_features(self.dataset)
         self.train_set = TrainWindows(self.split, self.max_len, self.window_stride)
@@ -113,6 +116,7 @@ class RecDataModule(pl.LightningDataModule):
         """Data + split: what a checkpoint or a feature cache must match."""
         assert self.dataset is not None, "call setup() first"
         trained = "-trainval" if self.train_on_validation else ""  # a refit trained on other interactions
+        trained += f"-gap{self.validation_gap}" if self.validation_gap else ""  # or on fewer
         return f"{self.dataset.fingerprint}-cold{self.cold_item_fraction}-seed{self.seed}{trained}"
 
     def rank_and_world_size(self) -> tuple[int, int]:

@@ -7,6 +7,11 @@ interactions has no validation target; a user with one has only a test target.
 With `train_on_validation` the validation targets join the training split (only the test target is held
 out): the refit of a model whose epochs were chosen on validation, as a shop trains on all it has.
 
+With `validation_gap=g` the g interactions before the validation target are held out of training too (they
+stay in the validation and test histories). The validation history then ends with items the model never
+trained on for that user, as the test history ends with the validation item: a tuning signal in the test
+target's situation. Its test figures are not the benchmark's (the test history ends with g + 1 such items).
+
 Optionally a seeded fraction of items is held out as cold-start items: they are removed from every
 training sequence (so no model sees them in training) and validation/test targets that hit them
 are reported apart (`stage="test_cold"`), as DESIGN.md asks.
@@ -38,6 +43,7 @@ class Split:
     timestamps: np.ndarray  # (n_interactions,) int64 seconds, aligned with `items`
     cold_items: np.ndarray  # (n_cold,) sorted item indices never seen in training
     train_on_validation: bool = False  # the validation targets are training interactions too (refit)
+    validation_gap: int = 0  # interactions before the validation target held out of training too
 
     def sequence(self, user: int) -> np.ndarray:
         return self.items[self.offsets[user] : self.offsets[user + 1]]
@@ -61,6 +67,8 @@ class Split:
         held = np.minimum(lengths, 1)  # the test target
         if not self.train_on_validation:
             held = np.where(lengths >= 3, 2, held)  # and the validation target
+            gap = self.validation_gap  # and the gap before it, where a training interaction is left
+            held = np.where(lengths >= 4, np.minimum(lengths - 1, 2 + gap), held) if gap else held
         user_of = np.repeat(np.arange(self.n_users), lengths)
         position = np.arange(len(self.items)) - self.offsets[user_of]
         mask = position < (lengths - held)[user_of]
@@ -116,10 +124,15 @@ class Split:
 
 
 def build_split(data: CanonicalDataset, cold_item_fraction: float = 0.0, seed: int = 0,
-                train_on_validation: bool = False) -> Split:
+                train_on_validation: bool = False, validation_gap: int = 0) -> Split:
     """Orders each user's interactions by (timestamp, item id) and indexes them densely."""
     if not 0.0 <= cold_item_fraction < 1.0:
         raise ValueError(f"cold_item_fraction must be in [0, 1), got {cold_item_fraction}")
+    if validation_gap < 0:
+        raise ValueError(f"validation_gap must be >= 0, got {validation_gap}")
+    if validation_gap and train_on_validation:
+        raise ValueError("validation_gap holds interactions out for validation; a refit (train_on_validation) "
+                         "trains on them, so the two do not go together")
     item_index = pd.Index(data.items["item_id"].to_numpy())
     user_index = pd.Index(data.users["user_id"].to_numpy())
     inter = data.interactions
@@ -148,4 +161,5 @@ def build_split(data: CanonicalDataset, cold_item_fraction: float = 0.0, seed: i
         timestamps=frame["timestamp"].to_numpy(dtype=np.int64),
         cold_items=cold.astype(np.int64),
         train_on_validation=train_on_validation,
+        validation_gap=int(validation_gap),
     )
