@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from common import add_rows, data_overrides, print_tables, train_config
+from significance import user_gains
 
 from multimodal_rec.data.splits import build_split
 from multimodal_rec.training import train, write_json_atomic
@@ -80,6 +81,8 @@ def run_baseline(name: str, base: list[str], out: Path, seed: int, extra: list[s
         baseline.fit(split, item_vectors)
     seconds = time.time() - started
     metrics.update(evaluated(baseline, datamodule, split, STAGES))
+    # per user, for bench/significance.py
+    write_json_atomic(out / "per_user.json", user_gains(baseline.score, split, datamodule.max_len))
     return {"metrics": metrics, "seconds": round(seconds, 1)}
 
 
