@@ -98,7 +98,10 @@ def compare(reference: dict, candidate: dict) -> dict:
     diffs = {}
     for stage in STAGES:
         users, ref = per_user_mean(reference, seeds, stage)
-        _, cand = per_user_mean(candidate, seeds, stage)
+        others, cand = per_user_mean(candidate, seeds, stage)
+        if not np.array_equal(users, others):
+            raise SystemExit(f"the two settings rank different {stage} users (another split or cold fraction): "
+                             "nothing to pair")
         d = cand - ref
         se = d.std(ddof=1) / math.sqrt(len(d))
         diffs[stage] = (d.mean(), se)

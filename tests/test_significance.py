@@ -36,9 +36,11 @@ def test_paired_difference_averages_seeds_per_user_then_users():
     assert row["val ndcg@10"] == pytest.approx(2.0 / 4)
 
 
-def test_without_a_shared_seed_there_is_nothing_to_pair():
+def test_without_shared_seeds_or_users_there_is_nothing_to_pair():
     with pytest.raises(SystemExit, match="no seed"):
         compare(runs({"0": {"val": [0.0], "test": [0.0]}}), runs({"1": {"val": [0.0], "test": [0.0]}}))
+    with pytest.raises(SystemExit, match="different val users"):
+        compare(runs({"0": {"val": [0.0], "test": [0.0]}}), runs({"0": {"val": [0.0, 1.0], "test": [0.0]}}))
 
 
 def test_a_setting_is_a_folder_of_seeds_or_the_runs_named_by_a_prefix(tmp_path):
