@@ -31,6 +31,7 @@ def test_fast_dev_run(tmp_path):
     for key in ("val/ndcg@10", "test/ndcg@10", "test/hr@20", "test/coverage@10", "test_cold/ndcg@10"):
         assert 0.0 <= metrics[key] <= 1.0, key
     assert (tmp_path / "data" / "manifest.json").is_file()  # prepared on first use
+    assert 0 < result["fit_seconds"] < result["seconds"]  # training alone, as a baseline's fit is timed
 
 
 @pytest.mark.slow
