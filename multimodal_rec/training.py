@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 def train(cfg: DictConfig) -> dict:
     """Fits the configured model; returns (and writes to `<run dir>/metrics.json`) its metrics."""
     started = time.time()
+    if cfg.get("refit") and cfg.data.get("validation_gap"):
+        raise ValueError("refit=true trains on the validation targets and data.validation_gap holds the steps before "
+                         "them out of training, to tune on: use one or the other")
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     model = hydra.utils.instantiate(cfg.model)(datamodule=datamodule)

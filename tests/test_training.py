@@ -34,6 +34,15 @@ def test_fast_dev_run(tmp_path):
     assert 0 < result["fit_seconds"] < result["seconds"]  # training alone, as a baseline's fit is timed
 
 
+def test_refit_and_validation_gap_are_refused_together_before_training(tmp_path):
+    command = [sys.executable, str(PROJECT_ROOT / "train.py"), "debug=fast", f"hydra.run.dir={tmp_path / 'run'}",
+               f"data.processed_dir={tmp_path / 'data'}", f"paths.cache_dir={tmp_path / 'cache'}", "refit=true",
+               "data.validation_gap=1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "use one or the other" in done.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 @pytest.mark.slow
 def test_resume_continues_where_it_stopped(tmp_path):
     common = ["trainer.fast_dev_run=false", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
