@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine, markdown_table  # noqa: E402
 from multimodal_rec.evaluation.protocol import eval_loader  # noqa: E402
 from multimodal_rec.evaluation.ranking import target_ranks  # noqa: E402
-from multimodal_rec.models.loading import restore_model  # noqa: E402
+from multimodal_rec.models.loading import resolve_checkpoint, restore_model  # noqa: E402
 
 STAGES = ("val", "test")
 COLUMNS = ("seeds", "val ndcg@10", "val diff", "test ndcg@10", "test diff", "val vs test z")
@@ -53,8 +53,7 @@ def user_ndcg(run: Path) -> dict[str, dict[int, float]]:
     if (run / "per_user.json").is_file():
         saved = json.loads((run / "per_user.json").read_text())
         return {stage: {int(user): gain for user, gain in saved[stage].items()} for stage in STAGES}
-    best = json.loads((run / "metrics.json").read_text())["best_checkpoint"]
-    model, datamodule, _ = restore_model(best)
+    model, datamodule, _ = restore_model(resolve_checkpoint(run))
     vectors, biases = model.all_item_embeddings()
 
     def score(batch):

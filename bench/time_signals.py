@@ -51,12 +51,9 @@ def recent_counts(events: tuple[np.ndarray, np.ndarray], split: Split, stage: st
     return counts
 
 
-def recent_popularity_ranks(events: tuple[np.ndarray, np.ndarray], split: Split, stage: str,
-                            days: int | None) -> np.ndarray:
-    """0-based rank of each target of `stage` when items are ordered by `recent_counts`, ties by all training
-    interactions before t."""
+def popularity_ranks(counts: np.ndarray, split: Split, stage: str) -> np.ndarray:
+    """0-based rank of each target of `stage` when items are ordered by `counts` (`recent_counts`)."""
     users, positions = split.target_positions(stage)
-    counts = recent_counts(events, split, stage, days) + 1e-6 * recent_counts(events, split, stage, None)
     ranks = np.empty(len(users), dtype=np.int64)
     for row, (user, position) in enumerate(zip(users, positions)):
         score = counts[row]
@@ -113,11 +110,14 @@ def main() -> None:
         return
     split = build_split(load_dataset(args.data), args.cold_item_fraction, seed=0)
     events, rows = training_events(split), []
+    all_before = {stage: recent_counts(events, split, stage, None) for stage in ("val", "test")}
     for days in WINDOWS:
         row = {"signal": f"training interactions in the {days} days before t" if days else "all before t"}
         for stage in ("val", "test"):
+            counts = all_before[stage] if days is None else recent_counts(events, split, stage, days)
+            ranks = popularity_ranks(counts + 1e-6 * all_before[stage], split, stage)  # ties: all before t
             evaluator = RankingEvaluator(split.n_items, ks=(10,))
-            evaluator.add_ranks(torch.from_numpy(recent_popularity_ranks(events, split, stage, days)))
+            evaluator.add_ranks(torch.from_numpy(ranks))
             values = evaluator.compute()
             row[f"{stage} hr@10"], row[f"{stage} ndcg@10"] = values["hr@10"], values["ndcg@10"]
         rows.append(row)

@@ -41,9 +41,7 @@ def train(cfg: DictConfig) -> dict:
     loggers = [hydra.utils.instantiate(c) for c in cfg.get("logger", {}).values()]
     trainer_cfg = OmegaConf.merge(cfg.trainer, {"gradient_clip_val": None} if private else {})  # DP clips per user
     trainer: pl.Trainer = hydra.utils.instantiate(trainer_cfg, callbacks=callbacks, logger=loggers)
-    fit_started = time.time()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
-    fit_seconds = time.time() - fit_started  # training and its validation, as the baselines' fit time counts
+    fit_seconds = timed_fit(trainer, model, datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if private:  # the last weights, trained for the planned steps
@@ -58,9 +56,8 @@ def train(cfg: DictConfig) -> dict:
             raise ValueError("refit=true needs the best checkpoint by validation (callbacks.model_checkpoint)")
         refit = {"selected_checkpoint": best, "test_before_refit": {k: v for k, v in metrics.items()
                                                                      if k.startswith("test")}}
-        fit_started = time.time()
-        trainer, model, datamodule, best = _refit(cfg, best)
-        fit_seconds += time.time() - fit_started
+        trainer, model, datamodule, best, refit_seconds = _refit(cfg, best)
+        fit_seconds += refit_seconds
         refit["epochs"] = trainer.current_epoch
         if cfg.get("test"):
             trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True)
@@ -106,8 +103,15 @@ def _refit(cfg: DictConfig, selected: str) -> tuple:
     callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=out / "checkpoints", filename="last", monitor=None))
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, max_epochs=epochs, limit_val_batches=0,
                                                   callbacks=callbacks, logger=pl.loggers.CSVLogger(out, name="csv"))
-    trainer.fit(model, datamodule=datamodule)
-    return trainer, model, datamodule, trainer.checkpoint_callback.best_model_path
+    seconds = timed_fit(trainer, model, datamodule)
+    return trainer, model, datamodule, trainer.checkpoint_callback.best_model_path, seconds
+
+
+def timed_fit(trainer: pl.Trainer, model, datamodule, ckpt_path: str | None = None) -> float:
+    """Seconds of `trainer.fit` (training and its validation, as the baselines' fit time counts)."""
+    started = time.time()
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    return time.time() - started
 
 
 def retest(output_dir: str | Path, expect: dict | None = None) -> dict:

@@ -67,8 +67,8 @@ class Split:
         held = np.minimum(lengths, 1)  # the test target
         if not self.train_on_validation:
             held = np.where(lengths >= 3, 2, held)  # and the validation target
-            gap = self.validation_gap  # and the gap before it, leaving at least one training interaction
-            held = np.where(lengths >= 4, np.minimum(lengths - 1, 2 + gap), held) if gap else held
+            # and the validation_gap before it, leaving at least one training interaction
+            held = np.where(lengths >= 4, np.minimum(lengths - 1, 2 + self.validation_gap), held)
         user_of = np.repeat(np.arange(self.n_users), lengths)
         position = np.arange(len(self.items)) - self.offsets[user_of]
         mask = position < (lengths - held)[user_of]
