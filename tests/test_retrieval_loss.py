@@ -11,6 +11,8 @@ import torch
 from multimodal_rec.models.build import build_model
 from multimodal_rec.models.components.history_encoder import HistoryEncoder
 from multimodal_rec.models.components.item_tower import ItemTower
+from multimodal_rec.models.components.scoring import item_scores
+from multimodal_rec.models.components.text_encoder import TextEncoder
 from multimodal_rec.models.recommender import MultimodalRecommender
 from multimodal_rec.models.softmax_terms import future_loss, smoothed_cross_entropy
 from tests.conftest import tiny_datamodule
@@ -108,6 +110,28 @@ def test_loss_auto_switches_to_sampled_above_the_documented_size(tiny_shop_dir):
     assert torch.isfinite(large.training_step(batch, 0))
     with pytest.raises(ValueError, match="loss must be"):
         tiny_model(tiny_shop_dir, loss="softmax")
+
+
+def test_loss_auto_samples_when_an_encoder_is_fine_tuned(tiny_shop_dir):
+    """The full softmax encodes every item per step: with a fine-tuned transformer, every text (OOM on a GPU)."""
+    datamodule = tiny_datamodule(tiny_shop_dir, max_len=5)
+    text = partial(TextEncoder, pretrained=False, trainable_layers=-1, tiny_hidden=16)
+    recommender = partial(MultimodalRecommender, item_tower=partial(ItemTower), history_encoder=partial(HistoryEncoder),
+                          ranker=None, optimizer=partial(torch.optim.AdamW), dim=8)
+    fine_tuned = build_model(datamodule, recommender, modalities=("id", "text"), text_encoder=text)
+    assert fine_tuned.item_tower.text_encoder is not None and not fine_tuned.full_softmax
+    forced = build_model(datamodule, partial(recommender, loss="full"), modalities=("id", "text"), text_encoder=text)
+    assert forced.full_softmax  # loss=full still means full
+
+
+def test_catalogue_scores_stay_float32_under_bf16_autocast():
+    queries, vectors = torch.randn(16, 64), torch.randn(500, 64)
+    exact = queries @ vectors.T
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        blurred = queries @ vectors.T
+        scores = item_scores(queries, vectors)
+    assert (blurred.float() - exact).abs().max() > 1e-2  # what bf16 does to a plain product
+    assert scores.dtype == torch.float32 and torch.allclose(scores, exact, atol=1e-5)
 
 
 def test_dot_scores_keep_the_norms_and_cosine_drops_them(tiny_shop_dir):

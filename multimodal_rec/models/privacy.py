@@ -25,6 +25,8 @@ from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 
+from multimodal_rec.models.components.scoring import item_scores
+
 log = logging.getLogger(__name__)
 
 
@@ -102,7 +104,7 @@ def per_user_losses(model, batch: dict, ignore: int, item_vectors: torch.Tensor)
     targets = batch["targets"]
     valid = targets != ignore
     queries = model.queries(batch["history"], batch["user"], batch["context_hour"], item_vectors=item_vectors)[valid]
-    similarity = (queries @ item_vectors.T).masked_fill(model.untrained_items, float("-inf"))  # (P, N)
+    similarity = item_scores(queries, item_vectors).masked_fill(model.untrained_items, float("-inf"))  # (P, N)
     per_position = F.cross_entropy(similarity * model.logit_scale, targets[valid], reduction="none")  # (P,)
     rows = torch.nonzero(valid)[:, 0]
     sums = per_position.new_zeros(len(targets)).index_add(0, rows, per_position)

@@ -1,8 +1,9 @@
 """The multimodal recommender: item tower + query tower (retrieval) and a ranking network on top.
 
 Retrieval is trained with a softmax over items at every position of the training windows: over the whole
-catalogue (`loss=full`, the default up to `full_softmax_max_items`: the item tower runs over every item each
-step) or over in-batch targets plus uniform random negatives with a log-Q correction (`loss=sampled`, for
+catalogue (`loss=full`, the default up to `full_softmax_max_items` with frozen encoders: the item tower runs over
+every item each step, so a fine-tuned CNN or transformer would encode every image and text per step) or over
+in-batch targets plus uniform random negatives with a log-Q correction (`loss=sampled`, for
 large catalogues). Items never seen in training (held-out cold items) are never candidates in training, or
 the model would learn to push exactly them down. The score is a dot product of the query and item vectors
 (`score=dot`, the default: a vector's norm can say how popular or how certain it is) or their cosine divided
@@ -35,7 +36,7 @@ from multimodal_rec.distributed import broadcast_running_stats
 from multimodal_rec.evaluation.metrics import RankingEvaluator, all_reduce_evaluators
 from multimodal_rec.evaluation.protocol import logged_metrics
 from multimodal_rec.models.components.item_bias import ItemBias
-from multimodal_rec.models.components.scoring import SCORES, retrieval_vectors
+from multimodal_rec.models.components.scoring import SCORES, item_scores, retrieval_vectors
 from multimodal_rec.models.softmax_terms import future_loss, log_inclusion, mask_seen, smoothed_cross_entropy
 
 if TYPE_CHECKING:
@@ -68,7 +69,9 @@ class MultimodalRecommender(pl.LightningModule):
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
         self.n_items, self.pad = bundle.n_items, bundle.n_items
-        self.full_softmax = loss == "full" or (loss == "auto" and bundle.n_items <= full_softmax_max_items)
+        fine_tuned = bundle.image_encoder is not None or bundle.text_encoder is not None
+        self.full_softmax = loss == "full" or (loss == "auto" and bundle.n_items <= full_softmax_max_items
+                                               and not fine_tuned)
         if content_loss_weight > 0 and not self.full_softmax:
             raise ValueError("content_loss_weight needs the full softmax (loss=full): it scores every item's content")
         if future_steps > 0 and not self.full_softmax:
@@ -229,7 +232,7 @@ class MultimodalRecommender(pl.LightningModule):
 
     def _trained_similarity(self, queries: torch.Tensor, vectors: torch.Tensor, biases: torch.Tensor) -> torch.Tensor:
         """(P, N) retrieval scores over the whole catalogue, items never trained on (cold) out (-inf)."""
-        return (queries @ vectors.T + biases).masked_fill(self.untrained_items, float("-inf"))
+        return (item_scores(queries, vectors) + biases).masked_fill(self.untrained_items, float("-inf"))
 
     def _content_only_loss(self, queries: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
         """Full softmax over every trained item's content-only vector (its ID unknown, as a cold item's is): the
@@ -251,7 +254,7 @@ class MultimodalRecommender(pl.LightningModule):
         labels = labels[: len(positives)]
         in_pool = torch.searchsorted(pool, candidates)
         cand_vectors = pool_vectors[in_pool]  # (C, d)
-        similarity = queries @ cand_vectors.T + pool_biases[in_pool]  # (P, C), as evaluation and serving score
+        similarity = item_scores(queries, cand_vectors) + pool_biases[in_pool]  # (P, C), as evaluation scores
         correction = (log_inclusion(candidates, len(positives), self.log_popularity, self.hparams.num_negatives,
                                     len(self.negative_pool)) if self.hparams.logq else None)
         return queries, cand_vectors, similarity, labels, correction
@@ -286,7 +289,7 @@ class MultimodalRecommender(pl.LightningModule):
             raise ValueError("this model scores with item biases: pass all_item_embeddings()'s biases")
         query = self.queries(batch["history"], batch["user"], batch["context_hour"], batch.get("profile"),
                              item_vectors)[:, -1]  # (B, d)
-        retrieval = query @ item_vectors.T  # (B, N) cosine or dot product
+        retrieval = item_scores(query, item_vectors)  # (B, N) cosine or dot product
         if item_biases is not None:
             retrieval = retrieval + item_biases
         out = {"retrieval": retrieval}
