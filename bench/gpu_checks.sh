@@ -7,10 +7,10 @@
 #
 #   bash bench/gpu_checks.sh install|throughput|tests|quality [out folder; default $OUT, else logs/bench/gpu]
 #
-# A machine without some dependencies can be given wheels under .whl/<any>/ (bench/gpu_wheels.sh fetches them and
-# says which call carries which; installed into /tmp/site); a wheel
-# too large to travel in one piece comes as NAME.whl.part1, NAME.whl.part2, ... (split -b), over several calls to
-# the same machine if need be (`install` stage): the parts wait in /tmp/wheel_parts until all are there.
+# A machine without some dependencies can be given wheels under .whl/<any>/, installed into /tmp/site
+# (bench/gpu_wheels.sh fetches them and says which call carries which). A wheel too large to travel in one piece
+# comes as NAME.whl.part1, NAME.whl.part2, ... (split -b), over several calls to the same machine if need be
+# (`install` stage): the parts wait in /tmp/wheel_parts until all are there.
 set -uo pipefail
 stage=${1:?"which stage: throughput, tests or quality"}
 out=${2:-${OUT:-logs/bench/gpu}}
