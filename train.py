@@ -13,14 +13,14 @@ from omegaconf import DictConfig
 
 from multimodal_rec.config import CONF_DIR
 from multimodal_rec.data.schema import DatasetError
-from multimodal_rec.training import train
+from multimodal_rec.training import ConfigError, train
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
         result = train(cfg)
-    except DatasetError as error:  # missing or unusable data: one clear line, not a traceback
+    except (DatasetError, ConfigError) as error:  # unusable data or settings: one clear line, not a traceback
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     return result["metrics"].get(cfg.get("optimized_metric"))  # for sweeps

@@ -13,18 +13,27 @@ from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from multimodal_rec.embeddings import write_json_atomic
 
 log = logging.getLogger(__name__)
+GPU_ACCELERATORS = ("gpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """Settings that cannot run together, or not on this machine: refused before anything is built."""
 
 
 def train(cfg: DictConfig) -> dict:
     """Fits the configured model; returns (and writes to `<run dir>/metrics.json`) its metrics."""
     started = time.time()
+    if str(cfg.trainer.get("accelerator", "auto")) in GPU_ACCELERATORS and not torch.cuda.is_available():
+        raise ConfigError("trainer=gpu needs a CUDA GPU and PyTorch sees none (torch.cuda.is_available() is False): "
+                          "use trainer=default (the GPU when there is one, else the CPU) or trainer=cpu")
     if cfg.get("refit") and cfg.data.get("validation_gap"):
-        raise ValueError("refit=true trains on the validation targets and data.validation_gap holds the steps before "
+        raise ConfigError("refit=true trains on the validation targets and data.validation_gap holds the steps before "
                          "them out of training, to tune on: use one or the other")
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
@@ -33,7 +42,7 @@ def train(cfg: DictConfig) -> dict:
     callbacks = [hydra.utils.instantiate(c) for c in cfg.get("callbacks", {}).values()]
     private = model.privacy is not None
     if private and cfg.get("refit"):
-        raise ValueError("refit=true chooses its epochs on validation, privacy=dp trains for the planned steps "
+        raise ConfigError("refit=true chooses its epochs on validation, privacy=dp trains for the planned steps "
                          "without looking at it: use one or the other")
     if private:  # choosing an epoch by validation would be a selection on user data the guarantee does not cover
         datamodule.user_level_sampling = True

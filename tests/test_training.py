@@ -39,8 +39,17 @@ def test_refit_and_validation_gap_are_refused_together_before_training(tmp_path)
                f"data.processed_dir={tmp_path / 'data'}", f"paths.cache_dir={tmp_path / 'cache'}", "refit=true",
                "data.validation_gap=1"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert done.returncode != 0 and "use one or the other" in done.stderr
+    assert done.returncode == 2 and "use one or the other" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_trainer_gpu_without_a_gpu_is_one_clear_error(tmp_path):
+    command = [sys.executable, str(PROJECT_ROOT / "train.py"), "trainer=gpu", f"hydra.run.dir={tmp_path / 'run'}",
+               f"data.processed_dir={tmp_path / 'data'}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "needs a CUDA GPU" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "data").exists()  # refused before anything was built
 
 
 @pytest.mark.slow
@@ -161,7 +170,7 @@ def test_refit_refuses_differential_privacy(tmp_path):
     command = [sys.executable, str(PROJECT_ROOT / "train.py"), "debug=fast", "privacy=dp", "refit=true",
                f"hydra.run.dir={tmp_path / 'run'}", f"data.processed_dir={tmp_path / 'data'}"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0 and "use one or the other" in done.stderr
+    assert done.returncode == 2 and "use one or the other" in done.stderr and "Traceback" not in done.stderr
 
 
 @pytest.mark.slow
