@@ -11,9 +11,9 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from multimodal_rec.config import CONF_DIR
+from multimodal_rec.config import CONF_DIR, ConfigError
 from multimodal_rec.data.schema import DatasetError
-from multimodal_rec.training import ConfigError, train
+from multimodal_rec.training import train
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from multimodal_rec import embeddings as emb
-from multimodal_rec.config import CONF_DIR
+from multimodal_rec.config import CONF_DIR, ConfigError, require_cuda
 from multimodal_rec.data.schema import DatasetError
 from multimodal_rec.data.sequences import hour_of_day
 
@@ -177,6 +177,7 @@ def export(cfg: DictConfig) -> dict | None:
 
     rank, world_size = _distributed()
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    require_cuda(device, f"device={device}", "device=auto or device=cpu")
     if device == "cuda" and world_size > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
     overrides = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else None
@@ -227,7 +228,7 @@ def _finish(cfg: DictConfig, model, datamodule, manifest: dict) -> dict:
 def main(cfg: DictConfig) -> None:
     try:
         manifest = export(cfg)
-    except (DatasetError, emb.EmbeddingsError, FileNotFoundError) as error:
+    except (DatasetError, ConfigError, emb.EmbeddingsError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     if manifest is not None:

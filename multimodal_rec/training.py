@@ -13,25 +13,19 @@ from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from multimodal_rec.config import ConfigError, require_cuda
 from multimodal_rec.embeddings import write_json_atomic
 
 log = logging.getLogger(__name__)
-GPU_ACCELERATORS = ("gpu", "cuda")
-
-
-class ConfigError(ValueError):
-    """Settings that cannot run together, or not on this machine: refused before anything is built."""
 
 
 def train(cfg: DictConfig) -> dict:
     """Fits the configured model; returns (and writes to `<run dir>/metrics.json`) its metrics."""
     started = time.time()
-    if str(cfg.trainer.get("accelerator", "auto")) in GPU_ACCELERATORS and not torch.cuda.is_available():
-        raise ConfigError("trainer=gpu needs a CUDA GPU and PyTorch sees none (torch.cuda.is_available() is False): "
-                          "use trainer=default (the GPU when there is one, else the CPU) or trainer=cpu")
+    require_cuda(cfg.trainer.get("accelerator", "auto"), "trainer=gpu",
+                 "trainer=default (the GPU when there is one, else the CPU) or trainer=cpu")
     if cfg.get("refit") and cfg.data.get("validation_gap"):
         raise ConfigError("refit=true trains on the validation targets and data.validation_gap holds the steps before "
                          "them out of training, to tune on: use one or the other")

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from multimodal_rec import embeddings as emb
+from multimodal_rec.config import ConfigError
 from multimodal_rec.export import Exporter, export, user_batch
 from multimodal_rec.index import build_index, load_index
 from multimodal_rec.models.loading import CheckpointError, resolve_checkpoint, restore_model
@@ -124,6 +125,13 @@ def test_corrupt_or_mismatched_artifacts_are_refused(tiny_artifacts, tmp_path):
 def test_a_run_folder_names_its_best_checkpoint(tiny_checkpoint):
     best = resolve_checkpoint(tiny_checkpoint.parents[1])
     assert best.is_file() and best.name.startswith("epoch_") and best.parent == tiny_checkpoint.parent
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_export_on_cuda_without_a_gpu_is_refused_before_writing(tiny_checkpoint, tmp_path):
+    with pytest.raises(ConfigError, match="device=cuda needs a CUDA GPU"):
+        export(export_config(tiny_checkpoint, tmp_path / "out", device="cuda"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_bad_checkpoints_are_refused_clearly(tmp_path):
