@@ -14,7 +14,7 @@ os.environ.setdefault("PROJECT_ROOT", str(PROJECT_ROOT))
 
 
 class ConfigError(ValueError):
-    """Settings that cannot run together, or not on this machine: refused before anything is built."""
+    """Settings that cannot run together, or not on this machine: refused with one line, before training."""
 
 
 def require_cuda(device: str, setting: str, instead: str) -> None:
