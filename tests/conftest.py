@@ -148,3 +148,22 @@ def twin_item(items: pd.DataFrame, item_id: int, new_id: int) -> dict:
             "image_base64": item_png(source["image"]) if isinstance(source["image"], str) else None,
             "attributes": {"category": source["category"], "brand": source["brand"], "price": float(source["price"]),
                            "sales": int(source["sales"])}}
+
+
+def assert_index_returns_the_top_k(index_dir: Path, artifacts: Path, scores, datamodule, atol: float) -> None:
+    """The index over an export finds each user's top 10 of `scores` (the model's own, (users, items)): the same
+    scores, and the same items for the users without near-ties (within `atol`) in their top 11."""
+    import numpy as np
+
+    from multimodal_rec import embeddings as emb
+    from multimodal_rec.index import load_index
+
+    _, user_vectors = emb.read_embeddings(artifacts, "users")
+    found_scores, found = load_index(index_dir).search(user_vectors, 10)
+    expected = np.argsort(-scores, axis=1, kind="stable")[:, :10]
+    assert np.allclose(found_scores, np.take_along_axis(scores, expected, 1), atol=atol)
+    gaps = np.diff(np.sort(scores, axis=1)[:, ::-1][:, :11], axis=1)
+    clear = (np.abs(gaps) > atol).all(axis=1)  # users without near-ties in their top 11
+    assert clear.mean() > 0.8
+    item_ids = datamodule.dataset.items["item_id"].to_numpy()
+    assert np.array_equal(found[clear], item_ids[expected[clear]])

@@ -11,9 +11,9 @@ import torch
 
 from multimodal_rec import embeddings as emb
 from multimodal_rec.export import export, user_batch
-from multimodal_rec.index import build_index, load_index
+from multimodal_rec.index import build_index
 from multimodal_rec.models.loading import restore_model
-from tests.conftest import export_config, train_tiny
+from tests.conftest import assert_index_returns_the_top_k, export_config, train_tiny
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -54,15 +54,7 @@ def test_export_on_the_gpu_equals_the_cpu_export_and_the_index_returns_the_model
     with torch.no_grad():  # the model's own scoring, on the GPU
         vectors, biases = model.all_item_embeddings()
         scores = model.score_batch({k: v.cuda() for k, v in batch.items()}, vectors, biases)["retrieval"].cpu().numpy()
-    _, user_vectors = emb.read_embeddings(tmp_path / "cuda", "users")
-    found_scores, found = load_index(tmp_path / "flat").search(user_vectors, 10)
-    expected = np.argsort(-scores, axis=1, kind="stable")[:, :10]
-    assert np.allclose(found_scores, np.take_along_axis(scores, expected, 1), atol=1e-4)
-    gaps = np.abs(np.diff(np.sort(scores, axis=1)[:, ::-1][:, :11], axis=1))
-    clear = (gaps > 1e-4).all(axis=1)  # users without near-ties in their top 11
-    assert clear.mean() > 0.8
-    item_ids = datamodule.dataset.items["item_id"].to_numpy()
-    assert np.array_equal(found[clear], item_ids[expected[clear]])
+    assert_index_returns_the_top_k(tmp_path / "flat", tmp_path / "cuda", scores, datamodule, atol=1e-4)
 
 
 def test_the_training_loss_in_bf16_on_the_gpu_is_the_cpu_loss(gpu_checkpoint):
