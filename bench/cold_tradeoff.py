@@ -15,7 +15,6 @@ or later (new releases: a larger share of the targets than of the catalogue).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine, markdown_table  # noqa: E402
 from multimodal_rec.evaluation.protocol import evaluate  # noqa: E402
-from multimodal_rec.models.loading import restore_model  # noqa: E402
+from multimodal_rec.models.loading import resolve_checkpoint, restore_model  # noqa: E402
 
 OFFSETS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
 COLUMNS = ("warm ndcg@10", "warm hr@10", "cold ndcg@10", "cold hr@10", "cold share of top 10")
@@ -35,8 +34,7 @@ def tradeoff(run: Path, offsets: tuple[float, ...], split_name: str = "test", re
              ) -> list[dict]:
     """One row per offset for one run, on the test (or validation) targets; with `recent_from`, the offset goes
     to the cold items of that year or later only."""
-    best = json.loads((run / "metrics.json").read_text())["best_checkpoint"]
-    model, datamodule, _ = restore_model(best)  # its data set up as training had it
+    model, datamodule, _ = restore_model(resolve_checkpoint(run))  # its data set up as training had it
     split = datamodule.split
     if not len(split.cold_items):
         raise SystemExit(f"{run} was trained without cold items (data.cold_item_fraction=0): nothing to trade")

@@ -29,15 +29,15 @@ def train(cfg: DictConfig) -> dict:
     if cfg.get("refit") and cfg.data.get("validation_gap"):
         raise ConfigError("refit=true trains on the validation targets and data.validation_gap holds the steps before "
                           "them out of training, to tune on: use one or the other")
+    if cfg.get("refit") and (cfg.get("privacy") or {}).get("enabled"):  # what model.privacy is built from
+        raise ConfigError("refit=true chooses its epochs on validation, privacy=dp trains for the planned steps "
+                          "without looking at it: use one or the other")
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     model = hydra.utils.instantiate(cfg.model)(datamodule=datamodule)
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
     callbacks = [hydra.utils.instantiate(c) for c in cfg.get("callbacks", {}).values()]
     private = model.privacy is not None
-    if private and cfg.get("refit"):
-        raise ConfigError("refit=true chooses its epochs on validation, privacy=dp trains for the planned steps "
-                          "without looking at it: use one or the other")
     if private:  # choosing an epoch by validation would be a selection on user data the guarantee does not cover
         datamodule.user_level_sampling = True
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.EarlyStopping)]
