@@ -151,15 +151,16 @@ def _logged_metrics(log_file: Path) -> dict:
 
 
 def _evaluate_checkpoint_in_one_process(best: str) -> tuple[dict, object]:
-    import hydra
     import pytorch_lightning as pl
     from omegaconf import OmegaConf
+
+    from multimodal_rec.stored_config import instantiate_stored
 
     checkpoint = torch.load(best, map_location="cpu", weights_only=True)
     cfg = OmegaConf.create(checkpoint["multimodal_rec"]["config"])
     pl.seed_everything(cfg.seed)  # the same start as every rank of the run (see the feature-cache note below)
-    datamodule = hydra.utils.instantiate(cfg.data)
-    model = hydra.utils.instantiate(cfg.model)(datamodule=datamodule)
+    datamodule = instantiate_stored(cfg.data)  # a stored config builds the package's own classes only
+    model = instantiate_stored(cfg.model)(datamodule=datamodule)
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False)

@@ -8,12 +8,12 @@ import pickle
 import re
 from pathlib import Path
 
-import hydra
 import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
 from multimodal_rec.embeddings import EmbeddingsError
+from multimodal_rec.stored_config import StoredConfigError, check_stored_config, instantiate_stored
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def read_checkpoint(path: str | Path) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
     except pickle.UnpicklingError as error:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        found = re.search(r"(?i)unsupported global:?\s+(?:global\s+)?([\w.]+)", str(error))  # wording varies
         if not found:
             raise CheckpointError(f"checkpoint {path} cannot be read (not a torch file, or truncated)") from error
         raise CheckpointError(f"checkpoint {path} holds objects other than tensors and plain data ({found[1]}), "
@@ -73,14 +73,20 @@ def restore_model(ckpt_path: str | Path, data_overrides: dict | None = None, dev
     """
     checkpoint = read_checkpoint(ckpt_path)
     meta = checkpoint["multimodal_rec"]
-    cfg = OmegaConf.create(meta["config"])
-    if not cfg.get("data") or not cfg.get("model"):
+    saved = meta.get("config")
+    if not (isinstance(saved, dict) and all(isinstance(saved.get(k), dict) for k in ("data", "model"))):
         raise CheckpointError(f"{ckpt_path} does not record the data and model config it was trained with")
+    try:  # the sections built below are data: they may build the package's own classes and nothing else
+        for section in ("data", "model"):
+            check_stored_config(saved[section], f"the checkpoint's {section} config")
+    except StoredConfigError as error:
+        raise CheckpointError(f"{ckpt_path} is refused: {error}") from error
+    cfg = OmegaConf.create({"seed": saved.get("seed", 0), "data": saved["data"], "model": saved["model"]})
     if data_overrides:
         cfg.data = OmegaConf.merge(cfg.data, data_overrides)
-    pl.seed_everything(cfg.get("seed", 0), workers=True)  # as training did: random-init frozen encoders match
-    datamodule = hydra.utils.instantiate(cfg.data)
-    model = hydra.utils.instantiate(cfg.model)(datamodule=datamodule)
+    pl.seed_everything(int(cfg.seed), workers=True)  # as training did: random-init frozen encoders match
+    datamodule = instantiate_stored(cfg.data)
+    model = instantiate_stored(cfg.model)(datamodule=datamodule)
     model.on_load_checkpoint(checkpoint)  # refuses other data, with the reason
     missing, unexpected = model.load_state_dict(checkpoint["state_dict"], strict=False)
     if missing or unexpected:
