@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from multimodal_rec.config import CONF_DIR, ConfigError
 from multimodal_rec.data.schema import DatasetError
-from multimodal_rec.training import train
+from multimodal_rec.training import TrainingInterrupted, train
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
@@ -23,7 +23,10 @@ def main(cfg: DictConfig) -> float | None:
     except (DatasetError, ConfigError) as error:  # unusable data or settings: one clear line, not a traceback
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    return result["metrics"].get(cfg.get("optimized_metric"))  # for sweeps
+    except TrainingInterrupted as stopped:  # not a success: `train && export` must not go on
+        print(f"error: {stopped}", file=sys.stderr)
+        sys.exit(143)  # 128 + SIGTERM, as a shell reports a process the signal ended
+    return result["metrics"].get(cfg.get("optimized_metric"))  # the chosen checkpoint's figure, for sweeps
 
 
 if __name__ == "__main__":

@@ -1,5 +1,9 @@
 """The training run behind train.py: data -> model -> fit -> test on the best checkpoint -> metrics.json.
 
+metrics.json's val/* figures are those of the checkpoint that is tested and exported (the best epoch by
+validation; under privacy=dp the last), which each checkpoint carries, not the last epoch's. A run stopped by
+SIGTERM raises TrainingInterrupted and writes no metrics.json (train.py then exits 143).
+
 With `refit=true` the run then trains the same model again from scratch on the training and validation
 targets, for as many epochs as validation chose, and tests that model (the test target is never trained on).
 """
@@ -13,16 +17,70 @@ from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from multimodal_rec.config import ConfigError, require_cuda
 from multimodal_rec.embeddings import write_json_atomic
 
 log = logging.getLogger(__name__)
+VAL_FIGURES = "val_metrics"  # the checkpoint's key for the validation figures of its epoch
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM stopped the run before it finished: nothing was tested and no metrics.json was written."""
+
+
+class ValidationFigures(pl.Callback):
+    """Stores the epoch's val/* figures in every checkpoint, so that metrics.json (and the value a sweep
+    optimises) reports the chosen epoch's, not the last epoch's."""
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint[VAL_FIGURES] = _val_metrics(trainer)
+
+
+def _val_metrics(trainer: pl.Trainer) -> dict:
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+
+
+def chosen_val_metrics(trainer: pl.Trainer, checkpoint: str) -> dict:
+    """The val/* figures of `checkpoint` (the one tested and exported); the last epoch's when there is none."""
+    if not checkpoint:
+        return _val_metrics(trainer)
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get(VAL_FIGURES)
+    if saved is not None:
+        return {k: float(v) for k, v in saved.items()}
+    chooser = trainer.checkpoint_callback  # a checkpoint from before the figures were stored (a resumed run)
+    if chooser and chooser.monitor and chooser.best_model_path == checkpoint and chooser.best_model_score is not None:
+        log.warning("%s holds no validation figures: metrics.json reports only its %s", checkpoint, chooser.monitor)
+        return {chooser.monitor: float(chooser.best_model_score)}
+    return _val_metrics(trainer)
+
+
+def _interrupted(cfg: DictConfig) -> TrainingInterrupted:
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    resume = (f"run it again with ckpt_path={last} to resume" if last.is_file()
+              else "no checkpoint was saved yet: run it again")
+    return TrainingInterrupted(f"training was interrupted (SIGTERM) and wrote no metrics.json; {resume}")
 
 
 def train(cfg: DictConfig) -> dict:
-    """Fits the configured model; returns (and writes to `<run dir>/metrics.json`) its metrics."""
+    """Fits the configured model; returns (and writes to `<run dir>/metrics.json`) its metrics. Raises
+    TrainingInterrupted when SIGTERM stops it."""
+    try:
+        return _train(cfg)
+    except SIGTERMException as stop:  # Lightning's: a SystemExit without a code, which would exit 0
+        raise _interrupted(cfg) from stop
+
+
+def _check_sigterm(trainer: pl.Trainer) -> None:
+    """A SIGTERM that came after Lightning's last look at it (it raises at batch and epoch ends)."""
+    if trainer.received_sigterm:
+        raise SIGTERMException
+
+
+def _train(cfg: DictConfig) -> dict:
     started = time.time()
     require_cuda(cfg.trainer.get("accelerator", "auto"), "trainer=gpu",
                  "trainer=default (the GPU when there is one, else the CPU) or trainer=cpu")
@@ -36,7 +94,7 @@ def train(cfg: DictConfig) -> dict:
     datamodule = hydra.utils.instantiate(cfg.data)
     model = hydra.utils.instantiate(cfg.model)(datamodule=datamodule)
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
-    callbacks = [hydra.utils.instantiate(c) for c in cfg.get("callbacks", {}).values()]
+    callbacks = [hydra.utils.instantiate(c) for c in cfg.get("callbacks", {}).values()] + [ValidationFigures()]
     private = model.privacy is not None
     if private:  # choosing an epoch by validation would be a selection on user data the guarantee does not cover
         datamodule.user_level_sampling = True
@@ -45,13 +103,14 @@ def train(cfg: DictConfig) -> dict:
     trainer_cfg = OmegaConf.merge(cfg.trainer, {"gradient_clip_val": None} if private else {})  # DP clips per user
     trainer: pl.Trainer = hydra.utils.instantiate(trainer_cfg, callbacks=callbacks, logger=loggers)
     fit_seconds = timed_fit(trainer, model, datamodule, ckpt_path=cfg.get("ckpt_path"))
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    if private:  # the last weights, trained for the planned steps
+    if private:  # the last weights, trained for the planned steps (their figures are the last epoch's)
         best = str(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
         best = best if Path(best).is_file() else ""
+    metrics = chosen_val_metrics(trainer, best)
     if cfg.get("test"):
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+        _check_sigterm(trainer)
         metrics.update(model.test_metrics)
     refit = None
     if cfg.get("refit"):
@@ -64,6 +123,7 @@ def train(cfg: DictConfig) -> dict:
         refit["epochs"] = trainer.current_epoch
         if cfg.get("test"):
             trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True)
+            _check_sigterm(trainer)
             metrics.update(model.test_metrics)
     result = {
         "metrics": metrics,
@@ -114,6 +174,7 @@ def timed_fit(trainer: pl.Trainer, model, datamodule, ckpt_path: str | None = No
     """Seconds of `trainer.fit` (training and its validation, as the baselines' fit time counts)."""
     started = time.time()
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    _check_sigterm(trainer)
     return time.time() - started
 
 

@@ -38,12 +38,17 @@ def _prepared(source, out: Path):
     return load_dataset(out)
 
 
+# what the example shop's events and customers.csv hold (the base config names no events and no users file)
+EXAMPLE_EVENTS_AND_USERS = ["data.source.interactions.event_weights={view:1,cart:2,purchase:3}",
+                            "data.source.users={path:customers.csv,columns:{user_id:customer},categorical:[region],"
+                            "numeric:[age]}"]
 PARQUET = ["data.source.items.path=products.parquet",
            "data.source.interactions.path=events.parquet", "data.source.users=null"]
 
 
 def test_csv_with_string_ids_iso_dates_events_and_pictures(shops, tmp_path):
-    data = _prepared(source_config("tabular", f"data.source.folder={shops['csv']}"), tmp_path / "d")
+    data = _prepared(source_config("tabular", f"data.source.folder={shops['csv']}", *EXAMPLE_EVENTS_AND_USERS),
+                     tmp_path / "d")
     products = pd.read_csv(shops["csv"] / "products.csv")
     events = pd.read_csv(shops["csv"] / "events.csv")
     items = data.items.set_index("source_id")

@@ -7,19 +7,25 @@ shop's id is kept as `source_id` in items.parquet / users.parquet, and the expor
 it. Bad input is counted with file and line and dropped (a malformed row, an unknown item, a duplicate),
 an item whose image is missing or corrupt is kept without it, a missing column is one clear error.
 
-Positives: with `event_weights`, only the listed events are read (weight -> `value`) and `positive_events`
-(default: all listed) are what the model learns from and is evaluated on; with a rating column,
+Positives: with `event_weights`, only the listed events are read (weight -> `value`; null: every event,
+weight 1) and `positive_events` (default: all read) are what the model learns from and is evaluated on; an
+event either names that the file lacks is a warning naming the events it has. With a rating column,
 `min_rating` drops lower ratings. Repeats of a (user, item) pair become one interaction at its first
 time with its highest weight. `k_core` then keeps users and items with at least k interactions, repeated
 until stable.
+
+Pictures: a path is read relative to `image_root`, else relative to `folder` when the file is there. A path in
+the data may not lead out of those folders (absolute, or with `..`); symbolic links in them are the shop's own
+layout and are followed. A mapped image column of which no picture can be read stops with a DatasetError.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 from collections import Counter
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
 import pandas as pd
@@ -40,6 +46,7 @@ from multimodal_rec.data.sources.table_values import (
 )
 
 RESERVED = {"item_id", "user_id", "title", "text", "image", "source_id", LINE}
+log = logging.getLogger(__name__)
 
 
 def _plain(settings) -> dict:
@@ -159,6 +166,7 @@ class _EventReader:
         self.dropped: Counter = Counter()  # not errors: events that are not positives, ratings below the minimum
         self.parts: list[pd.DataFrame] = []
         self.events: dict[str, int] = {}  # event name -> code: a column of small ints, not of strings
+        self.seen: Counter = Counter()  # every event of the file, read or not: to check the names configured
 
     def read(self, spec: dict, chunk_rows: int) -> tuple[pd.DataFrame, Path]:
         path = resolve_path(spec.get("path") or _required({}, "path", "interactions"))
@@ -166,10 +174,22 @@ class _EventReader:
         for chunk in read_chunks(path, [self.columns[r] for r in roles], self.issues, spec.get("format"),
                                  chunk_rows, "interactions"):
             self.parts.append(self._chunk(chunk.rename(columns={self.columns[r]: r for r in roles}), path.name))
+        self._check_names(path.name)
         empty = pd.DataFrame({c: pd.Series(dtype=t) for c, t in
                               [("user", "int32"), ("item", "int32"), ("timestamp", "int64"), ("value", "float32"),
                                ("event", "int16"), (LINE, "int32")]})
         return (pd.concat(self.parts, ignore_index=True) if self.parts else empty), path
+
+    def _check_names(self, name: str) -> None:
+        """A configured event that the file lacks (a typo, another shop's name) reads nothing: say so."""
+        if not self.columns.get("event"):
+            return
+        found = sorted(self.seen)
+        for setting, names in (("event_weights", self.weights or {}), ("positive_events", self.positives or ())):
+            missing = sorted(set(names) - set(found))
+            if missing:
+                log.warning("interactions.%s names %s, which %s has no event of; its events: %s", setting, missing,
+                            name, found[:30])
 
     def _bad(self, frame: pd.DataFrame, mask, kind: str, name: str, detail) -> pd.DataFrame:
         """`frame` without the rows of `mask`, each counted as `kind` (a few kept as examples, file:line)."""
@@ -194,6 +214,7 @@ class _EventReader:
         chunk = self._user_rows(chunk, name)
         event = chunk["event"].map(lambda v: text_of(v) or "") if "event" in chunk else pd.Series(
             "rating" if "rating" in chunk else "interaction", index=chunk.index)
+        self.seen.update(event.value_counts().to_dict())
         value = chunk["rating_value"] if "rating" in chunk else pd.Series(1.0, index=chunk.index)
         if self.weights is not None:
             chunk = self._bad(chunk, ~event.isin(list(self.weights)), "unknown_event", name,
@@ -223,28 +244,43 @@ class _EventReader:
         return chunk.assign(user=chunk["user_key"].map(self.user_rows))
 
 
-def _image_files(items: pd.DataFrame, root: Path | None, name: str, issues: DataIssues) -> tuple[dict, str]:
-    """item_id -> image path for the items whose image file decodes, and a digest of those files."""
+def _image_files(items: pd.DataFrame, root: Path | None, base: Path, column: str | None, name: str,
+                 issues: DataIssues) -> tuple[dict, str]:
+    """item_id -> image path for the items whose image file decodes, and a digest of those files. A path is read
+    relative to `root` (image_root), else relative to `base` (the data folder) when the file is there; `column`:
+    the mapped image column (None with image_pattern), of which at least one picture must be readable."""
     digest, found = hashlib.sha256(), {}
     refs = items.loc[items["image"].notna(), ["item_id", "image", LINE]]
-    if len(refs) and root is None:
-        raise DatasetError("items name images but `image_root` is not set: the folder the image paths are under")
-    if len(refs) and not root.is_dir():  # e.g. Amazon metadata without the pictures: one report, not one per item
+    if column and not len(refs):
+        raise DatasetError(f"{name}: the image column {column!r} is empty in every row; set "
+                           "data.source.items.columns.image=null when there are no pictures")
+    # the configured folders resolved first: either may be a symbolic link
+    folders = [f for f in dict.fromkeys(f.resolve() for f in (root, base) if f is not None) if f.is_dir()]
+    if len(refs) and not column and root is not None and not root.is_dir():  # e.g. Amazon metadata, no pictures
         issues.add("no_image_folder", f"{root} does not exist: {len(refs)} items have no picture")
         return found, digest.hexdigest()
+    example = None  # (ref, path, problem) of the first picture that could not be read
     for item_id, ref, line in tqdm(refs.itertuples(index=False), total=len(refs), desc="checking images",
                                    unit=" images", mininterval=1, disable=None):
-        path = (root / ref).resolve()
-        if not path.is_relative_to(root.resolve()):
+        if PurePath(ref).is_absolute() or ".." in PurePath(ref).parts:  # the data may not lead out of the folders
             issues.add("bad_image_path", f"{name}:{line}: {ref!r} leads out of the image folder")
+            example = example or (ref, ref, "leads out of the image folder")
             continue
+        path = next((f / ref for f in folders if (f / ref).is_file()), (folders[0] if folders else base) / ref)
         problem = image_problem(path)
         if problem:
             issues.add("missing_image" if problem == "file not found" else "corrupt_image", f"{name}:{line}: {ref}: "
                        f"{problem}")
+            example = example or (ref, path, problem)
             continue
         digest.update(f"{ref}:{sha256_file(path)}".encode())
-        found[int(item_id)] = path
+        found[int(item_id)] = path.resolve()
+    if column and not found:
+        ref, path, problem = example
+        searched = " and ".join(map(str, folders)) or f"{root} (missing) and {base}"
+        raise DatasetError(f"{name}: none of the {len(refs)} pictures of column {column!r} could be read under "
+                           f"{searched}: e.g. {ref!r} -> {path}: {problem}. Set data.source.image_root to the folder "
+                           "the paths are relative to, or data.source.items.columns.image=null")
     return found, digest.hexdigest()
 
 
@@ -265,7 +301,7 @@ def read_tabular(name: str, items, interactions, users=None, folder: str | None 
             except DatasetError as error:
                 where = f"data.source.folder={folder}" if folder else "the working directory (data.source.folder unset)"
                 raise DatasetError(f"{error} (relative paths are read from {where})") from error
-    image_root = str(base / image_root) if image_root else None
+    image_root = base / image_root if image_root else None  # null: the paths are relative to folder
     issues = DataIssues()
     item_attrs = _attribute_settings(items_spec, "items")
     user_attrs = _attribute_settings(users_spec, "users") if users_spec else ([], {}, [])
@@ -279,7 +315,8 @@ def read_tabular(name: str, items, interactions, users=None, folder: str | None 
     events, removed = k_core_filter(events, int(k_core or 0))
     if events.empty:
         raise DatasetError(f"no interactions left from {events_path} (see the data issues and filters: "
-                           f"{issues.report()}; dropped {dict(reader.dropped)})")
+                           f"{issues.report()}; dropped {dict(reader.dropped)}; its events: "
+                           f"{sorted(reader.seen)[:30]})")
 
     # canonical ids 1..N in file order, over what the filters kept
     keep_items = np.unique(events["item"]) if k_core else np.arange(len(item_table))
@@ -303,8 +340,8 @@ def read_tabular(name: str, items, interactions, users=None, folder: str | None 
                                      "value": events["value"].to_numpy(np.float32),
                                      "event": event_names[events["event"].to_numpy()]})
 
-    root = Path(image_root) if image_root else None
-    image_files, image_digest = _image_files(item_table, root, items_path.name, issues)
+    image_column = (items_spec.get("columns") or {}).get("image")
+    image_files, image_digest = _image_files(item_table, image_root, base, image_column, items_path.name, issues)
     item_table["image"] = None  # write_dataset fills it for the images that decode
     inputs = {f"items:{items_path.name}": sha256_file(items_path),
               f"interactions:{events_path.name}": sha256_file(events_path)}
