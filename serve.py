@@ -2,6 +2,7 @@
 
     python serve.py artifacts=artifacts/synthetic port=8000      # then open http://127.0.0.1:8000/docs
     MMREC_WRITE_TOKEN=$(cat token) python serve.py ...           # enables POST/DELETE /items and /admin/*
+    python serve.py ... max_in_flight=0                          # never sheds load (503 + Retry-After)
 """
 
 import sys
@@ -25,6 +26,7 @@ def main(cfg: DictConfig) -> None:
     torch.set_num_threads(cfg.torch_threads)
     try:
         tokens = load_tokens(cfg.auth)
+        log_key = access_log.load_key(cfg.log_key_env, cfg.log_key_file)
         root = Path(cfg.artifacts_root or Path(cfg.artifacts).resolve().parent)
         journal = cfg.journal or root / "journal.jsonl"
         service = RecommenderService(cfg.artifacts, cfg.index_name, artifacts_root=root, journal=journal)
@@ -35,8 +37,8 @@ def main(cfg: DictConfig) -> None:
     reads = "need the read token" if tokens.read else "open"
     print(f"serving {service.describe()} on http://{cfg.host}:{cfg.port}: the shopping guide at /, docs at "
           f"/docs; writes {writes}, reads {reads}", flush=True)
-    access_log.install()  # user ids in paths are hashed in the access log
-    app = create_app(service, cfg.max_body_bytes, tokens, cfg.image_root)
+    access_log.install(log_key)  # user ids in paths are hashed (keyed) in the access log
+    app = create_app(service, cfg.max_body_bytes, tokens, cfg.image_root, max_in_flight=cfg.max_in_flight)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
 
 if __name__ == "__main__":

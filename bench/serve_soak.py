@@ -1,6 +1,8 @@
-"""Soak test of the ranking endpoint: many clients for minutes, reads and writes mixed, then checks.
+"""Soak test of the ranking endpoint: many clients for minutes, reads and writes mixed, then checks; once per
+load-shedding setting (serve.yaml max_in_flight; 0: off), the settings side by side at the end.
 
     OMP_NUM_THREADS=1 python bench/serve_soak.py --artifacts artifacts/ml100k_mm --seconds 120 --clients 32
+    OMP_NUM_THREADS=1 python bench/serve_soak.py --artifacts ... --seconds 10 --max-in-flight 0 8
 
 `serve.py` runs as its own process with a write token and a journal in a temporary artifacts root. Each
 client loops over a mix of /recommend (40%), /rank 100 items (20%), /items/{id}/similar (20%), POST /items
@@ -8,13 +10,16 @@ client loops over a mix of /recommend (40%), /rank 100 items (20%), /items/{id}/
 catalogue items). Reported: requests, 5xx and other errors by endpoint, p50/p99 latency, the server's RSS
 (after warm-up, peak, end), and afterwards every added item must be the nearest neighbour of its twin
 (found by /items/{twin}/similar) and no withdrawn item may be recommended. A /similar answer of 410 (the item
-was withdrawn meanwhile) is counted apart: it is the designed answer.
+was withdrawn meanwhile) is counted apart: it is the designed answer, and so is a 503 with Retry-After where
+shedding is on (the client then waits Retry-After seconds, as a well-behaved client does). A prober on its own
+connection asks /healthz every 50 ms meanwhile: its p99 is what a liveness probe sees under that load.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
 import shutil
 import sys
@@ -46,6 +51,28 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
+class SoakConnection(Connection):
+    """Connection that also reads Retry-After when the answer is a shed request's (503 from the shedding
+    middleware), which tells it from a failure (a 503 because writes are unavailable has Retry-After too)."""
+
+    async def request(self, method: str, path: str, payload) -> tuple[int, float | None]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        body = json.dumps(payload).encode() if payload is not None else b""
+        head = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n{self.auth}"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        self.writer.write(head + body)
+        status, length, retry_after = int((await self.reader.readline()).split()[1]), 0, None
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+            elif name.lower() == "retry-after":
+                retry_after = float(value)
+        content = await self.reader.readexactly(length)
+        return status, (retry_after if status == 503 and b"requests in flight" in content else None)
+
+
 class Soak:
     def __init__(self, catalog: pd.DataFrame, users: list[int], seed: int):
         self.rng = random.Random(seed)
@@ -54,7 +81,8 @@ class Soak:
         self.added: list[tuple[int, int]] = []  # (id, twin id)
         self.withdrawn: set[int] = set()
         self.next_id = FIRST_NEW_ID
-        self.stats = {name: {"latencies": [], "5xx": 0, "410 (withdrawn)": 0, "other errors": 0} for name in MIX}
+        self.stats = {name: {"latencies": [], "5xx": 0, "shed": 0, "410 (withdrawn)": 0, "other errors": 0}
+                      for name in MIX}  # latencies: of the requests not shed
 
     def requests(self, kind: str) -> list[tuple[str, str, dict | None, int | None]]:
         """(method, path, body, subject) to send in turn: an addition is a pair of twins (ids 2p, 2p + 1)."""
@@ -74,17 +102,21 @@ class Soak:
         item = rng.choice(self.withdraw_pool)
         return [("DELETE", f"/items/{item}", None, item)]
 
-    async def client(self, connection: Connection, stop: float, added: dict) -> None:
+    async def client(self, connection: SoakConnection, stop: float, added: dict) -> None:
         while time.perf_counter() < stop:
             kind = self.rng.choices(list(MIX), weights=list(MIX.values()))[0]
             for method, path, body, subject in self.requests(kind):
                 started = time.perf_counter()
                 try:
-                    status = await connection.request(method, path, body)
+                    status, retry_after = await connection.request(method, path, body)
                 except (OSError, ValueError, IndexError, asyncio.IncompleteReadError):
                     connection.close()
-                    connection.writer, status = None, 599
+                    connection.writer, status, retry_after = None, 599, None
                 stats = self.stats[kind]
+                if retry_after is not None:
+                    stats["shed"] += 1  # refused at once by design: wait as told, not counted as a failure
+                    await asyncio.sleep(min(retry_after, max(0.0, stop - time.perf_counter())))
+                    continue
                 stats["latencies"].append(time.perf_counter() - started)
                 if status >= 500:
                     stats["5xx"] += 1
@@ -98,9 +130,11 @@ class Soak:
                     self.withdrawn.add(subject)
 
 
-async def drive(soak: Soak, url: str, clients: int, seconds: float, pid: int, rss: list) -> dict:
+async def drive(soak: Soak, url: str, clients: int, seconds: float, pid: int, rss: list,
+                health: list) -> dict:
     host, port = url.removeprefix("http://").split(":")
-    connections = [Connection(host, int(port), TOKEN) for _ in range(clients)]
+    connections = [SoakConnection(host, int(port), TOKEN) for _ in range(clients)]
+    prober = SoakConnection(host, int(port))
     stop, added = time.perf_counter() + seconds, {}
 
     async def sample():
@@ -108,8 +142,15 @@ async def drive(soak: Soak, url: str, clients: int, seconds: float, pid: int, rs
             rss.append(rss_mb(pid))
             await asyncio.sleep(1)
 
-    await asyncio.gather(sample(), *(soak.client(c, stop, added) for c in connections))
-    for connection in connections:
+    async def probe():  # a liveness probe beside the load: one /healthz every 50 ms
+        while time.perf_counter() < stop:
+            started = time.perf_counter()
+            status, _ = await prober.request("GET", "/healthz", None)
+            health.append((time.perf_counter() - started, status))
+            await asyncio.sleep(0.05)
+
+    await asyncio.gather(sample(), probe(), *(soak.client(c, stop, added) for c in connections))
+    for connection in [*connections, prober]:
         connection.close()
     return added
 
@@ -133,14 +174,8 @@ def check_after(url: str, soak: Soak, added: dict) -> dict:
             "withdrawn items": len(soak.withdrawn), "withdrawn items recommended (200 users, top 50)": leaked}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--artifacts", type=Path, required=True, help="an export folder (python -m ...export)")
-    parser.add_argument("--seconds", type=float, default=120.0)
-    parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--rss-bound-mb", type=float, default=300.0, help="allowed RSS growth past warm-up")
-    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "logs" / "bench" / "serve_soak.json")
-    args = parser.parse_args()
+def run_setting(args, max_in_flight: int) -> dict:
+    """One soak against a fresh server (and a fresh copy of the artifacts) with `max_in_flight`."""
     root = Path(tempfile.mkdtemp(prefix="serve_soak_"))
     try:
         shutil.copytree(args.artifacts, root / "artifacts")
@@ -148,7 +183,7 @@ def main() -> None:
         users = [int(u) for u in read_embeddings(root / "artifacts", "users", verify=False)[0]]
         soak = Soak(catalog, users, seed=0)
         server, url = start_server(root / "artifacts", None, root, env={"MMREC_WRITE_TOKEN": TOKEN},
-                                   extra=(f"artifacts_root={root}",))
+                                   extra=(f"artifacts_root={root}",), max_in_flight=max_in_flight)
         try:
             headers = {"Authorization": f"Bearer {TOKEN}"}
             for i in range(20):  # warm-up: every kind of request, so the encoders' buffers exist before RSS is read
@@ -156,8 +191,8 @@ def main() -> None:
                 httpx.post(f"{url}/items", json={"item_id": FIRST_NEW_ID - 100 + i, "title": "w", "text": "warm up"},
                            headers=headers, timeout=60)
                 httpx.get(f"{url}/items/{soak.items[i]}/similar", timeout=60)
-            rss = [rss_mb(server.pid)]
-            added = asyncio.run(drive(soak, url, args.clients, args.seconds, server.pid, rss))
+            rss, health = [rss_mb(server.pid)], []
+            added = asyncio.run(drive(soak, url, args.clients, args.seconds, server.pid, rss, health))
             rss.append(rss_mb(server.pid))
             checks = check_after(url, soak, added)
         finally:
@@ -169,25 +204,65 @@ def main() -> None:
     rows = []
     for kind, stats in soak.stats.items():
         ms = np.asarray(stats["latencies"]) * 1000
-        rows.append({"endpoint": kind, "requests": len(ms), "5xx": stats["5xx"], "other errors": stats["other errors"],
-                     "410 (withdrawn)": stats["410 (withdrawn)"],
+        rows.append({"endpoint": kind, "requests": len(ms) + stats["shed"], "5xx": stats["5xx"], "shed": stats["shed"],
+                     "other errors": stats["other errors"], "410 (withdrawn)": stats["410 (withdrawn)"],
                      "p50 ms": float(np.percentile(ms, 50)) if len(ms) else float("nan"),
                      "p99 ms": float(np.percentile(ms, 99)) if len(ms) else float("nan")})
+    accepted = np.concatenate([np.asarray(stats["latencies"]) for stats in soak.stats.values()]) * 1000
+    health_ms = np.asarray([latency for latency, _ in health]) * 1000
+    requests, shed = sum(r["requests"] for r in rows), sum(r["shed"] for r in rows)
+    summary = {"shedding": f"on (max_in_flight={max_in_flight})" if max_in_flight else "off",
+               "requests": requests, "5xx": sum(r["5xx"] for r in rows), "shed (503)": shed,
+               "share shed": f"{shed / max(requests, 1):.1%}", "other errors": sum(r["other errors"] for r in rows),
+               "accepted p50 ms": float(np.percentile(accepted, 50)),
+               "accepted p99 ms": float(np.percentile(accepted, 99)),
+               "/healthz p99 ms": float(np.percentile(health_ms, 99)), "/healthz max ms": float(health_ms.max()),
+               "/healthz not 200": sum(status != 200 for _, status in health)}
     memory = {"RSS after warm-up MB": rss[0], "peak MB": max(rss), "end MB": rss[-1], "growth MB": max(rss) - rss[0]}
-    print(f"\nSoak: {args.clients} clients for {args.seconds:.0f} s ({machine()}, server OMP_NUM_THREADS=1)\n")
-    print(markdown_table(rows, ("requests", "5xx", "other errors", "410 (withdrawn)", "p50 ms", "p99 ms"),
+    print(f"\nSoak, shedding {summary['shedding']}: {args.clients} clients for {args.seconds:.0f} s\n")
+    print(markdown_table(rows, ("requests", "5xx", "shed", "other errors", "410 (withdrawn)", "p50 ms", "p99 ms"),
                          first="endpoint"))
     print("\n" + "\n".join(f"- {k}: {v:.0f}" for k, v in memory.items()))
     print("\n".join(f"- {k}: {v}" for k, v in checks.items()) + f"\n- journal lines: {journal_lines}")
-    write_json_atomic(args.out, {"machine": machine(), "rows": rows, "memory": memory, "checks": checks})
-    failed = [f"{sum(r['5xx'] for r in rows)} 5xx"] if any(r["5xx"] for r in rows) else []
-    failed += ["errors other than 5xx"] if any(r["other errors"] for r in rows) else []
-    failed += [f"RSS grew {memory['growth MB']:.0f} MB"] if memory["growth MB"] > args.rss_bound_mb else []
+    return {"max_in_flight": max_in_flight, "rows": rows, "summary": summary, "memory": memory, "checks": checks,
+            "journal_lines": journal_lines}
+
+
+def failures(result: dict, rss_bound_mb: float) -> list[str]:
+    summary, checks, growth = result["summary"], result["checks"], result["memory"]["growth MB"]
+    failed = [f"{summary['5xx']} 5xx"] if summary["5xx"] else []
+    failed += ["errors other than 5xx"] if summary["other errors"] else []
+    failed += [f"/healthz answered {summary['/healthz not 200']} times not 200"] if summary["/healthz not 200"] else []
+    failed += [f"RSS grew {growth:.0f} MB"] if growth > rss_bound_mb else []
     failed += ["added items not found"] if checks["not found"] else []
     failed += ["withdrawn items recommended"] if checks["withdrawn items recommended (200 users, top 50)"] else []
+    return [f"shedding {summary['shedding']}: {failure}" for failure in failed]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--artifacts", type=Path, required=True, help="an export folder (python -m ...export)")
+    parser.add_argument("--seconds", type=float, default=120.0, help="per setting")
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--max-in-flight", type=int, nargs="+", default=[0, 8],
+                        help="the shedding settings to compare (serve.yaml max_in_flight; 0: off); one soak each. "
+                        "Below --clients for shedding to happen at all")
+    parser.add_argument("--rss-bound-mb", type=float, default=300.0, help="allowed RSS growth past warm-up")
+    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "logs" / "bench" / "serve_soak.json")
+    args = parser.parse_args()
+    results = [run_setting(args, bound) for bound in args.max_in_flight]
+    print(f"\nShedding compared: {args.clients} clients, {args.seconds:.0f} s each ({machine()}, server "
+          "OMP_NUM_THREADS=1); 5xx excludes the shed answers (503 + Retry-After), counted apart\n")
+    print(markdown_table([r["summary"] for r in results], ("requests", "5xx", "shed (503)", "share shed",
+                                                            "accepted p50 ms", "accepted p99 ms", "/healthz p99 ms",
+                                                            "/healthz max ms"), first="shedding"))
+    write_json_atomic(args.out, {"machine": machine(), "clients": args.clients, "seconds": args.seconds,
+                                 "settings": results})
+    failed = [failure for result in results for failure in failures(result, args.rss_bound_mb)]
     if failed:
         sys.exit("soak FAILED: " + ", ".join(failed))
-    print(f"soak passed: zero 5xx, RSS growth under {args.rss_bound_mb:.0f} MB, every added item found")
+    print(f"soak passed: zero 5xx besides shed answers, RSS growth under {args.rss_bound_mb:.0f} MB, every added "
+          "item found, no withdrawn item recommended")
 
 
 if __name__ == "__main__":

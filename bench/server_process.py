@@ -16,8 +16,10 @@ from multimodal_rec.config import PROJECT_ROOT
 
 
 def start_server(artifacts: Path, index: str | None, log_dir: Path, env: dict | None = None,
-                 extra: tuple = ()) -> tuple[subprocess.Popen, str]:
-    """(the process, its base URL) once /readyz answers; its stderr goes to `log_dir`/server.log."""
+                 extra: tuple = (), max_in_flight: int | None = 0) -> tuple[subprocess.Popen, str]:
+    """(the process, its base URL) once /readyz answers; its stderr goes to `log_dir`/server.log.
+    max_in_flight: load shedding (0, the default here: none, so that load benchmarks see the whole queue;
+    None: serve.yaml's setting)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -25,6 +27,8 @@ def start_server(artifacts: Path, index: str | None, log_dir: Path, env: dict | 
                f"hydra.run.dir={log_dir}", "log_level=warning", *extra]
     if index:
         command.append(f"index_name={index}")
+    if max_in_flight is not None:
+        command.append(f"max_in_flight={max_in_flight}")
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     with open(log_dir / "server.log", "w") as log:  # the child keeps its own copy of the handle
         server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log)

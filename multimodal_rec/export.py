@@ -209,18 +209,25 @@ def export(cfg: DictConfig) -> dict | None:
 
 
 def _finish(cfg: DictConfig, model, datamodule, manifest: dict) -> dict:
-    """Rank 0, after the shards: the serving parts, then the serving journal when one is given."""
+    """Rank 0, after the shards: the serving parts, then the serving journal when one is given. The manifest
+    records each serving file's sha256 after they are written (and again after the journal rewrote some):
+    serving refuses files it does not list."""
     from multimodal_rec.export_journal import drop_intake, take_in
-    from multimodal_rec.serving.parts import write_serving_parts
+    from multimodal_rec.serving.parts import record_serving_files, write_serving_parts
 
     out = Path(cfg.out)
     manifest = drop_intake(out, manifest)  # a previous run's intake is rebuilt from the journal given, if any
-    if cfg.serving_parts:
-        write_serving_parts(model, datamodule, out, manifest)
+    if cfg.get("journal") and not cfg.serving_parts:
+        raise emb.EmbeddingsError("journal= needs serving_parts=true: its items are encoded like the server does")
+    if not cfg.serving_parts:
+        if "files" in manifest:  # no parts written: none are vouched for (older ones may remain)
+            manifest = {key: value for key, value in manifest.items() if key != "files"}
+            emb.write_json_atomic(out / emb.MANIFEST_FILE, manifest)
+        return manifest
+    write_serving_parts(model, datamodule, out, manifest)
+    manifest = record_serving_files(out, manifest)
     if cfg.get("journal"):
-        if not cfg.serving_parts:
-            raise emb.EmbeddingsError("journal= needs serving_parts=true: its items are encoded like the server does")
-        manifest = take_in(out, manifest, cfg.journal)
+        manifest = record_serving_files(out, take_in(out, manifest, cfg.journal))  # it rewrites the catalogue
     return manifest
 
 

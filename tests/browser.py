@@ -47,8 +47,8 @@ def card_ids(page) -> list[int]:
 
 def wait_settled(page) -> None:
     """Until no /recommend is in flight and every picture in view has loaded (lazy ones below wait)."""
-    page.wait_for_function("document.body.dataset.busy === '0'")
-    page.wait_for_function("[...document.images].filter(i => i.getBoundingClientRect().top < innerHeight)"
+    page.wait_for_function("() => document.body.dataset.busy === '0'")
+    page.wait_for_function("() => [...document.images].filter(i => i.getBoundingClientRect().top < innerHeight)"
                            ".every(i => i.complete)")
 
 
@@ -74,7 +74,7 @@ def screenshots(url: str, user_id: int, out: Path, name: str) -> list[Path]:
         with browser_page(viewport) as (page, _):
             shown = open_user(page, url, user_id)
             page.click(f"#grid article.card[data-item='{shown[0]}'] button.pick")
-            page.wait_for_function(f"!document.querySelector(\"#grid article.card[data-item='{shown[0]}']\")")
+            page.wait_for_function(f"() => !document.querySelector(\"#grid article.card[data-item='{shown[0]}']\")")
             wait_settled(page)
             page.evaluate("window.scrollTo(0, 0)")
             path = out / f"{name}-{label}.png"

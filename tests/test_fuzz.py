@@ -1,6 +1,7 @@
 """The endpoint against inputs nobody would write by hand: schemathesis generates requests from the app's own
 OpenAPI schema (every operation, the write token given) and checks that none is a 5xx and every answer
-matches the schema; then hostile bodies written by hand.
+matches the schema; then valid bodies with one place made hostile (what schemathesis never generates: lone
+surrogates, deep nesting, numbers past 64 bits), and hostile bodies written by hand.
 
 Left out: schemathesis's "a schema-valid request must be accepted" check. A request can be valid JSON for the
 schema and still name a folder that does not exist, an image that is not base64, or an id near 2**63 that
@@ -17,6 +18,7 @@ import pytest
 import schemathesis
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from PIL import Image
 from schemathesis import GenerationMode
@@ -128,3 +130,98 @@ def test_huge_ids_in_paths_and_bodies_are_4xx(client):
     assert client.delete(f"/items/{2**64}").status_code == 422
     body = json.dumps({"item_id": 2**63, "title": "x"})
     assert client.post("/items", content=body, headers={"content-type": "application/json"}).status_code == 422
+
+
+# valid bodies whose every place (a value, a key, a list item) the tests below make hostile in turn
+SEEDS = {
+    "/recommend": {"user_id": 1, "history": [1, 2], "k": 5, "profile": {"age": 30},
+                   "filters": {"category": "c", "brand": ["a", "b"], "price": {"min": 1, "max": 50}},
+                   "context": {"hour": 3}},
+    "/rank": {"user_id": 1, "history": [1], "items": [1, 2], "profile": {"age": 30}, "context": {"hour": 3}},
+    "/items": {"item_id": 992000, "title": "t", "text": "x", "image_base64": None,
+               "attributes": {"category": "c", "brand": "b", "price": 3.5, "sales": 2}},
+}
+HOLE = "@@hostile@@"  # where the hostile JSON text goes: json.dumps could not write 1500 levels, nor NaN keys
+
+
+def _places(value, path=()):
+    """(path, is_key) of every value and every key under `value`, the whole body included."""
+    yield path, False
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            yield (*path, key), True
+            yield from _places(inner, (*path, key))
+    elif isinstance(value, list):
+        for i, inner in enumerate(value):
+            yield from _places(inner, (*path, i))
+
+
+def _with_hole(body, path: tuple, is_key: bool):
+    """A copy of `body` with HOLE at `path` (as the key itself when `is_key`)."""
+    if not path:
+        return HOLE
+    copy = json.loads(json.dumps(body))
+    parent = copy
+    for step in path[:-1]:
+        parent = parent[step]
+    if is_key:
+        parent[HOLE] = parent.pop(path[-1])
+    else:
+        parent[path[-1]] = HOLE
+    return copy
+
+
+def _deep(depth: int, opener: str) -> str:
+    closer = {"[": "]", '{"a": ': "}"}[opener]
+    return opener * depth + "1" + closer * depth
+
+
+HOSTILE_JSON = st.one_of(
+    st.text(st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), min_size=1, max_size=3).flatmap(
+        lambda lone: st.text(max_size=5).map(lambda around: json.dumps(around + lone + around))),  # \udXXX escapes
+    st.integers(min_value=2**63 - 2, max_value=10**400).flatmap(lambda n: st.sampled_from([str(n), str(-n)])),
+    st.sampled_from(["NaN", "Infinity", "-Infinity", "1e999", "-0.0", "5e-324", "1.7976931348623157e308",
+                     '"nan"', '"inf"', '"-Infinity"', '"1e999"', "null", "true", "{}", "[]", '""', '"\\u0000"']),
+    st.tuples(st.integers(1, 1500), st.sampled_from(["[", '{"a": '])).map(lambda d: _deep(*d)),
+    st.integers(1_001, 20_000).map(lambda n: "[" + ",".join(["1"] * n) + "]"),
+    st.integers(101, 2_000).map(lambda n: json.dumps({f"k{i}": i for i in range(n)})),
+)
+
+
+@pytest.mark.parametrize("route", list(SEEDS))
+def test_one_hostile_place_in_a_valid_body_is_never_a_5xx(client, route):
+    """Every place of a valid body made hostile in turn, hypothesis choosing what goes there; a 4xx says what was
+    wrong in JSON."""
+    places = list(_places(SEEDS[route]))
+
+    @given(place=st.sampled_from(places), hostile=HOSTILE_JSON)
+    @settings(max_examples=300, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    def run(place, hostile):
+        path, is_key = place
+        if is_key and not hostile.startswith('"'):
+            hostile = json.dumps(hostile)  # a key is a string: the hostile text becomes one
+        text = json.dumps(_with_hole(SEEDS[route], path, is_key)).replace(f'"{HOLE}"', hostile)
+        answer = client.post(route, content=text.encode(), headers={"content-type": "application/json"})
+        assert answer.status_code < 500, (text[:300], answer.text[:300])
+        assert answer.status_code < 400 or "detail" in answer.json()
+
+    run()
+
+
+@pytest.mark.parametrize("route", list(SEEDS))
+def test_a_lone_surrogate_in_every_string_and_key_is_a_422(client, route):
+    """Deterministic: each string value and each key of a valid body, in turn, given a lone surrogate."""
+    seed = SEEDS[route]
+    strings = [(path, is_key) for path, is_key in _places(seed) if is_key or isinstance(_at(seed, path), str)]
+    assert len(strings) >= 5
+    for path, is_key in strings:
+        text = json.dumps(_with_hole(seed, path, is_key)).replace(f'"{HOLE}"', '"x\\ud800"')
+        answer = client.post(route, content=text.encode(), headers={"content-type": "application/json"})
+        assert answer.status_code == 422 and "lone surrogate" in answer.text, (path, answer.text[:300])
+
+
+def _at(value, path: tuple):
+    for step in path:
+        value = value[step]
+    return value

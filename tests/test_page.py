@@ -87,7 +87,7 @@ def test_a_person_clicks_filters_and_browses_in_chromium(server, service, tmp_pa
         clicked = before[0]
         page.click(f"#grid article.card[data-item='{clicked}'] button.pick")
         page.wait_for_selector(f"#session-items .chip[data-item='{clicked}']")
-        page.wait_for_function(f"!document.querySelector(\"#grid article.card[data-item='{clicked}']\")")
+        page.wait_for_function(f"() => !document.querySelector(\"#grid article.card[data-item='{clicked}']\")")
         wait_settled(page)
         after = card_ids(page)
         assert clicked not in after and after != before  # it joined the session; the recommendations followed
@@ -98,12 +98,12 @@ def test_a_person_clicks_filters_and_browses_in_chromium(server, service, tmp_pa
 
         category = page.locator("#filter-category option").nth(1).get_attribute("value")
         page.select_option("#filter-category", category)
-        page.wait_for_function(f"[...document.querySelectorAll('#grid article.card')].every("
+        page.wait_for_function(f"() => [...document.querySelectorAll('#grid article.card')].every("
                                f"c => JSON.parse(c.dataset.attributes).category === {category!r})")
         wait_settled(page)
         assert card_ids(page) and all(a["category"] == category for a in card_attributes(page))
         page.check("#new-arrivals")
-        page.wait_for_function("[...document.querySelectorAll('#grid article.card')].every("
+        page.wait_for_function("() => [...document.querySelectorAll('#grid article.card')].every("
                                "c => JSON.parse(c.dataset.attributes).cold === true)")
         assert all(a.get("cold") is True for a in card_attributes(page))
         page.uncheck("#new-arrivals")
@@ -115,7 +115,7 @@ def test_a_person_clicks_filters_and_browses_in_chromium(server, service, tmp_pa
         page.wait_for_selector("#similar article.card")
         assert not page.is_hidden("#detail")
         page.click(f"#session-items .chip[data-item='{clicked}'] button.remove")
-        page.wait_for_function(f"!document.querySelector(\"#session-items .chip[data-item='{clicked}']\")")
+        page.wait_for_function(f"() => !document.querySelector(\"#session-items .chip[data-item='{clicked}']\")")
         wait_settled(page)
         assert all(alt for alt in page.locator("img").evaluate_all("images => images.map(i => i.alt)"))
         assert errors == []

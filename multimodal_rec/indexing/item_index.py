@@ -8,14 +8,13 @@
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 
 import faiss
 import numpy as np
 
-from multimodal_rec.embeddings import EmbeddingsError, sha256_file
+from multimodal_rec.embeddings import MAX_DIM, EmbeddingsError, checked_int, load_json, load_npy, sha256_file
 
 INDEX_FORMAT = "multimodal_rec.index/1"
 INDEX_FILE = "index.faiss"
@@ -23,6 +22,7 @@ IDS_FILE = "ids.npy"
 VECTORS_FILE = "vectors.npy"
 MANIFEST_FILE = "manifest.json"
 DATA_FILES = (INDEX_FILE, IDS_FILE, VECTORS_FILE)
+MAX_SEARCH_PARAM = 1 << 16
 
 
 class IndexLoadError(EmbeddingsError):
@@ -156,15 +156,28 @@ class ItemIndex:
 
 
 def read_index_manifest(index_dir: str | Path) -> dict:
+    """The index manifest, with what loading sizes things by checked (dim, ntotal, files, search params)."""
     path = Path(index_dir) / MANIFEST_FILE
     if not path.is_file():
         raise IndexLoadError(f"{index_dir} is not a complete index folder: {MANIFEST_FILE} is missing")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise IndexLoadError(f"{path} is not valid JSON: {error}") from error
+        manifest = load_json(path)
+    except EmbeddingsError as error:
+        raise IndexLoadError(str(error)) from error
     if manifest.get("format") != INDEX_FORMAT:
-        raise IndexLoadError(f"{path}: format {manifest.get('format')!r} is not {INDEX_FORMAT!r}")
+        raise IndexLoadError(f"{path}: format {str(manifest.get('format'))[:80]!r} is not {INDEX_FORMAT!r}")
+    try:
+        checked_int(manifest.get("dim"), f"{path}: dim", 1, MAX_DIM)
+        checked_int(manifest.get("ntotal"), f"{path}: ntotal")
+        params, files = manifest.get("params"), manifest.get("files")
+        if not isinstance(params, dict) or not isinstance(files, dict) or not all(
+                isinstance(files.get(name), dict) for name in DATA_FILES):
+            raise EmbeddingsError(f"{path} lacks the params or the record of its files")
+        for key in ("nprobe", "ef_search"):  # search cost grows with them: a crafted 10**12 would never answer
+            if params.get(key) is not None:
+                checked_int(params[key], f"{path}: {key}", 1, MAX_SEARCH_PARAM)
+    except EmbeddingsError as error:
+        raise IndexLoadError(str(error)) from error
     return manifest
 
 
@@ -179,10 +192,12 @@ def load_index(index_dir: str | Path, expect_dim: int | None = None,
         raise IndexLoadError(f"{root}: the index was built from data {manifest['data_fingerprint']!r}, "
                              f"expected {expect_fingerprint!r} (rebuild it from the current embeddings)")
     for name in DATA_FILES:
-        path = root / name
+        path, record = root / name, manifest["files"][name]
         if not path.is_file():
             raise IndexLoadError(f"{root}: {name} is missing")
-        if sha256_file(path) != manifest["files"][name]["sha256"]:
+        if not path.resolve().is_relative_to(root.resolve()):
+            raise IndexLoadError(f"{path} leads out of {root} (a symbolic link)")
+        if sha256_file(path) != record.get("sha256"):
             raise IndexLoadError(f"{path} is corrupt: its sha256 does not match the manifest")
     try:
         index = faiss.read_index(str(root / INDEX_FILE))
@@ -194,10 +209,13 @@ def load_index(index_dir: str | Path, expect_dim: int | None = None,
     if index.d != manifest["dim"] or index.ntotal != manifest["ntotal"]:
         raise IndexLoadError(f"{root / INDEX_FILE} holds {index.ntotal} x {index.d} vectors, "
                              f"the manifest says {manifest['ntotal']} x {manifest['dim']}")
-    ids = np.load(root / IDS_FILE)
-    vectors = np.load(root / VECTORS_FILE, mmap_mode="r")
-    if ids.shape != (index.ntotal,) or vectors.shape != (index.ntotal, index.d):
-        raise IndexLoadError(f"{root}: ids {ids.shape} / vectors {vectors.shape} do not match the index "
-                             f"({index.ntotal} x {index.d})")
+    try:  # headers checked against the files' sizes first; no pickles
+        ids, vectors = load_npy(root / IDS_FILE), load_npy(root / VECTORS_FILE, mmap_mode="r")
+    except EmbeddingsError as error:
+        raise IndexLoadError(str(error)) from error
+    if (ids.shape != (index.ntotal,) or vectors.shape != (index.ntotal, index.d) or ids.dtype != np.int64
+            or vectors.dtype != np.float32):
+        raise IndexLoadError(f"{root}: ids {ids.shape} {ids.dtype} / vectors {vectors.shape} {vectors.dtype} do not "
+                             f"match the index ({index.ntotal} x {index.d}; int64 / float32)")
     set_search_params(index, manifest["params"])
     return ItemIndex(index, ids, vectors, manifest)

@@ -1,7 +1,8 @@
 """The HTTP app (FastAPI): recommend, rank, similar items, new and withdrawn items, health, metrics, reload.
 
-Every error a client can cause is a 4xx with a message that says what was wrong; OpenAPI docs at /docs.
-Writes need the write token; reads need the read token only where one is configured (auth.py).
+Every error a client can cause is a 4xx with a message that says what was wrong; OpenAPI docs at /docs (served
+from this server, nothing fetched elsewhere). Writes need the write token; reads need the read token only where
+one is configured (auth.py). Security headers, load shedding and the body limit: middleware.py.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from multimodal_rec.embeddings import EmbeddingsError
-from multimodal_rec.serving.auth import Tokens, read_guard, write_guard
+from multimodal_rec.serving.auth import Tokens, read_guard, token_holder, write_guard
 from multimodal_rec.serving.errors import RequestError
-from multimodal_rec.serving.page import add_page
+from multimodal_rec.serving.middleware import BodyLimit, LoadShedding, SecurityHeaders
+from multimodal_rec.serving.page import add_docs, add_page
 from multimodal_rec.serving.schemas import (
     MAX_K,
     MAX_SHOP_ID,
@@ -41,51 +43,22 @@ ERROR_MEANING = {400: "the body is not JSON", 401: "no token sent",
                  403: "a wrong token, writes disabled, or a path outside the artifacts root",
                  404: "an unknown user or item id", 409: "the item id exists already", 410: "a withdrawn item",
                  413: "the body is too large", 422: "an invalid request, named field by field",
-                 503: "no artifacts are loaded"}
+                 503: "no artifacts are loaded, writes unavailable (the journal cannot be written: the reason is "
+                      "given), or too many requests in flight (retry after Retry-After seconds)"}
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-
-
-class BodyLimit:
-    """ASGI middleware: refuses bodies over `max_bytes` (413), declared or streamed, before they are parsed."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers", [])).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._too_large(scope, receive, send)
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise _TooLarge
-            return message
-
-        try:
-            await self.app(scope, limited_receive, send)
-        except _TooLarge:
-            await self._too_large(scope, receive, send)
-
-    async def _too_large(self, scope, receive, send):
-        response = JSONResponse({"detail": f"request body over {self.max_bytes} bytes"}, status_code=413)
-        await response(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
+# what /readyz tells anyone; a token holder also gets the folders, fingerprints and the rest of describe()
+PUBLIC_READINESS = ("items", "users", "withdrawn_items", "forgotten_users")
 
 
 def create_app(service: RecommenderService, max_body_bytes: int = 10 * 1024 * 1024,
-               tokens: Tokens | None = None, image_root: str | None = None) -> FastAPI:
+               tokens: Tokens | None = None, image_root: str | None = None, *, max_in_flight: int = 0) -> FastAPI:
     """tokens: none configured means writes answer 403 (saying how to enable them) and reads are open.
-    image_root: where catalogue pictures are read from (default: the data folder the export names)."""
-    app = FastAPI(title="multimodal_rec", description="Multimodal recommendations with reasons", version="1")
+    image_root: where catalogue pictures are read from (default: the data folder the export names).
+    max_in_flight: heavy requests (queries, pictures, writes) past this many in flight get 503 + Retry-After at
+    once (0: none refused)."""
+    # docs_url/redoc_url None: FastAPI's own pages load Swagger UI and ReDoc from a CDN (add_docs serves them here)
+    app = FastAPI(title="multimodal_rec", description="Multimodal recommendations with reasons", version="1",
+                  docs_url=None, redoc_url=None)
     tokens = tokens or Tokens()
     # the schema (/docs, clients, fuzzers) shows a bearer requirement on reads only where one is in force
     reads, writes = [Depends(read_guard(tokens))] if tokens.read else [], [Depends(write_guard(tokens))]
@@ -93,6 +66,7 @@ def create_app(service: RecommenderService, max_body_bytes: int = 10 * 1024 * 10
     requests = Counter("mmrec_requests", "requests by route and status", ["route", "status"], registry=registry)
     latency = Histogram("mmrec_request_seconds", "request latency by route", ["route"], buckets=LATENCY_BUCKETS,
                         registry=registry)
+    shed = Counter("mmrec_shed_requests", "heavy requests refused with 503 past max_in_flight", registry=registry)
 
     @app.middleware("http")
     async def measure(request: Request, call_next):
@@ -125,7 +99,8 @@ def create_app(service: RecommenderService, max_body_bytes: int = 10 * 1024 * 10
         """The error answers a route can give, documented so that clients (and the fuzzer) know them."""
         return {code: {"model": ErrorBody, "description": ERROR_MEANING[code]} for code in codes}
 
-    QUERY_ERRORS = errors(400, *guarded_reads, 404, 413, 422)
+    busy = (503,) if max_in_flight else ()  # shed past max_in_flight
+    QUERY_ERRORS = errors(400, *guarded_reads, 404, 413, 422, *busy)
 
     def query_args(body) -> tuple:
         hour = body.context.hour if body.context else None
@@ -141,7 +116,7 @@ def create_app(service: RecommenderService, max_body_bytes: int = 10 * 1024 * 10
         return JSONResponse(service.rank(*query_args(body), body.items))
 
     @app.get("/items/{item_id}/similar", response_model=None, dependencies=reads,
-             responses={**ANSWER, **errors(*guarded_reads, 404, 410, 422)})
+             responses={**ANSWER, **errors(*guarded_reads, 404, 410, 422, *busy)})
     async def similar(item_id: str = path_id_param(), k: int = Query(10, ge=1, le=MAX_K)):
         return JSONResponse(service.similar(path_id(service.artifacts.shop_ids, item_id, "item"), k))
 
@@ -149,16 +124,16 @@ def create_app(service: RecommenderService, max_body_bytes: int = 10 * 1024 * 10
     def add_item(body: NewItem):
         return service.add_item(body.item_id, body.title, body.text, body.image_base64, body.attributes)
 
-    @app.delete("/items/{item_id}", dependencies=writes, responses=errors(401, 403, 404, 422))
+    @app.delete("/items/{item_id}", dependencies=writes, responses=errors(401, 403, 404, 422, 503))
     def withdraw_item(item_id: str = path_id_param()):
         return service.withdraw_item(path_id(service.artifacts.shop_ids, item_id, "item"))
 
-    @app.delete("/users/{user_id}", dependencies=writes, responses=errors(401, 403, 404, 422))
+    @app.delete("/users/{user_id}", dependencies=writes, responses=errors(401, 403, 404, 422, 503))
     def forget_user(user_id: str = path_id_param()):
         """Removes the user's stored history and profile at once (journaled: a restart keeps them gone)."""
         return service.forget_user(path_id(service.artifacts.shop_ids, user_id, "user"))
 
-    @app.post("/admin/reload", dependencies=writes, responses=errors(400, 401, 403, 413, 422))
+    @app.post("/admin/reload", dependencies=writes, responses=errors(400, 401, 403, 413, 422, *busy))
     def reload(body: ReloadRequest):
         target = service.reload_target(body.artifacts)  # 403 outside the artifacts root, before any read
         try:
@@ -167,21 +142,37 @@ def create_app(service: RecommenderService, max_body_bytes: int = 10 * 1024 * 10
             raise RequestError(422, f"artifacts refused, the old ones stay in service: {error}") from error
 
     @app.get("/healthz")
-    def healthz():
+    async def healthz():
+        """Liveness: no work, on the event loop (not behind the thread pool's queue), never shed."""
         return {"status": "ok"}
 
     @app.get("/readyz", responses=errors(503))
-    def readyz():
+    def readyz(holder: bool = Depends(token_holder(tokens))):
+        """Readiness and counts; with the read or write token, also the folders in use and the model's fingerprints."""
         try:
-            return {"status": "ready", **service.describe()}
+            described = service.describe()
         except RequestError as error:
             return JSONResponse({"status": "not ready", "detail": str(error)}, status_code=503)
+        if holder:
+            return {"status": "ready", **described}
+        public = {key: described[key] for key in PUBLIC_READINESS if key in described}
+        writes = described.get("writes")
+        if isinstance(writes, dict) and "available" in writes:
+            public["writes"] = {"available": writes["available"]}  # not the reason: it may name the journal's path
+        return {"status": "ready", **public}
 
     @app.get("/metrics", dependencies=reads, response_class=PlainTextResponse, responses=errors(*guarded_reads))
     def metrics():
         return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     add_page(app, service, reads, errors, path_id_param, image_root)
+    add_docs(app)
+    # added last = outermost: the body limit before anything reads the body, shedding before any work,
+    # the security headers on every answer, the 413 and 503 above included
     if max_body_bytes:
-        app.add_middleware(BodyLimit, max_bytes=max_body_bytes)  # outermost: before anything reads the body
+        app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    if max_in_flight:
+        app.add_middleware(LoadShedding, max_in_flight=max_in_flight, shed=shed)
+    app.add_middleware(SecurityHeaders)
     return app
+

@@ -20,6 +20,7 @@ from multimodal_rec.data.synthetic_images import is_synthetic_ref
 from multimodal_rec.serving.artifacts import Artifacts
 from multimodal_rec.serving.filters import RESERVED, is_multi
 from multimodal_rec.serving.shop_ids import id_kind, item_out, known_item_row, known_user, user_out
+from multimodal_rec.serving.thumbnails import ThumbnailCache
 
 MAX_FACET_VALUES = 50
 PLACEHOLDER_SVG = (
@@ -87,7 +88,12 @@ def facets(artifacts: Artifacts) -> dict:
 def image_source(artifacts: Artifacts, item_id, size: int, image_root: Path | None) -> tuple[str, object, str]:
     """(kind, source, etag) of the item's picture, found without decoding it, so that a request that already
     holds the picture (If-None-Match) costs no decoding: kind "upload" (base64), "synthetic" (a ref to
-    render), "file" (a path under `image_root`) or "placeholder"."""
+    render), "file" (a path under `image_root`) or "placeholder".
+
+    Where pictures may come from: `image_root` is serve.yaml's (the operator's, trusted as it is) or else
+    model.json's, which load_artifacts keeps only inside the artifact folder or the tree the artifacts root
+    sits in (artifacts.image_folder; "/" is dropped). A catalogue ref is confined to `image_root` once `..`
+    and symbolic links are resolved: an absolute ref or one leading out gets the placeholder."""
     row = known_item_row(artifacts, item_id)
     uploaded = artifacts.uploaded_images.get(int(artifacts.item_ids[row]))
     ref = artifacts.catalog["image"].iat[row] if "image" in artifacts.catalog else None
@@ -103,18 +109,35 @@ def image_source(artifacts: Artifacts, item_id, size: int, image_root: Path | No
     return "placeholder", None, "placeholder"
 
 
+THUMBNAILS = ThumbnailCache(max_bytes=64 * 2**20)  # rendered pictures, and the upload strings they pin
+
+
 def render_image(kind: str, source, size: int) -> tuple[bytes, str]:
     """(bytes, media type): the picture as a JPEG at most `size` wide, or the placeholder when there is none or
-    it cannot be decoded (a corrupt file is treated as a missing one)."""
+    it cannot be decoded (a corrupt file is treated as a missing one). Rendered once per (source, size): the
+    same item at the same size again is served from THUMBNAILS without decoding."""
+    key = (kind, source, size)
+    cached = THUMBNAILS.get(key)
+    if cached is not None:
+        return cached
+    rendered = _render(kind, source, size)
+    if rendered[1] == "image/jpeg":  # the placeholder costs nothing; a failed decode is tried again next time
+        THUMBNAILS.put(key, rendered, len(rendered[0]) + (len(source) if isinstance(source, str) else 0))
+    return rendered
+
+
+def _render(kind: str, source, size: int) -> tuple[bytes, str]:
     picture = None
     try:
         if kind == "upload":
             with Image.open(io.BytesIO(base64.b64decode(source))) as image:
+                image.draft("RGB", (size, size * 2))  # a JPEG decodes at a fraction of its size when it can
                 picture = image.convert("RGB")
         elif kind == "synthetic":
             picture = load_image(source, ".", size)
         elif kind == "file":
             with Image.open(source) as image:
+                image.draft("RGB", (size, size * 2))
                 picture = image.convert("RGB")
     except (OSError, ValueError, ImageLoadError, Image.DecompressionBombError):
         picture = None

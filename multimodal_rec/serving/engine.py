@@ -5,6 +5,7 @@ Errors a client can fix raise `RequestError` with an HTTP status; the app turns 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,10 +43,12 @@ def _profile_codes(artifacts: Artifacts, profile: dict | None, base: dict | None
         elif column in vocab["user_numeric"]:
             reference = vocab["user_numeric"][column]
             try:
-                value = float(value)
-            except ValueError as error:
+                number = float(value)
+            except (ValueError, OverflowError) as error:
                 raise RequestError(422, f"profile attribute {column!r} must be a number, got {value!r}") from error
-            numeric[0, list(vocab["user_numeric"]).index(column)] = standardised_rank(reference, value)
+            if not math.isfinite(number):  # "nan" would rank as the largest value
+                raise RequestError(422, f"profile attribute {column!r} must be a finite number, got {value!r}")
+            numeric[0, list(vocab["user_numeric"]).index(column)] = standardised_rank(reference, number)
         else:
             known = sorted([*vocab["user_categorical"], *vocab["user_numeric"]])
             raise RequestError(422, f"unknown profile attribute {column!r}; known: {known}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 import threading
 
 import numpy as np
@@ -21,23 +22,60 @@ from multimodal_rec.models.components.scoring import retrieval_vectors
 from multimodal_rec.models.content_graph import nearest, unit_features
 from multimodal_rec.serving.errors import RequestError
 
-MAX_IMAGE_PIXELS = 40_000_000
+MAX_IMAGE_SIDE = 4096  # pixels a side: an upload decodes once at intake, at most 4096 x 4096 (50 MB as RGB)
+MASTER_SIDE = 1024  # what is kept of an upload: pages show pictures at most 1024 wide
+MASTER_BYTES = 1_000_000  # an upload already this small (and at most MASTER_SIDE a side) is kept as sent
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # the web's formats; Pillow's other decoders stay out of reach
 
 
-def decode_image(encoded: str, size: int) -> torch.Tensor:
-    """base64 image bytes -> (1, 3, S, S) uint8; a corrupt upload is the client's error (422)."""
+def open_upload(encoded: str) -> tuple[Image.Image, bytes]:
+    """(the upload opened lazily: header read, pixels not decoded; its bytes): a corrupt upload, or one larger
+    than MAX_IMAGE_SIDE a side, is the client's error (422), found before any pixel is decoded."""
     try:
         raw = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError) as error:
         raise RequestError(422, f"image_base64 is not valid base64: {error}") from error
     try:
-        with Image.open(io.BytesIO(raw)) as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise RequestError(422, f"image is too large ({image.width}x{image.height})")
-            picture = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+        image = Image.open(io.BytesIO(raw), formats=FORMATS)
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise RequestError(422, f"image cannot be decoded ({', '.join(FORMATS)} are read): {error}") from error
+    if image.width > MAX_IMAGE_SIDE or image.height > MAX_IMAGE_SIDE:
+        image.close()
+        raise RequestError(422, f"image too large: {image.width}x{image.height} pixels, at most "
+                           f"{MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE}")
+    return image, raw
+
+
+def _decoded(image: Image.Image) -> Image.Image:
+    """The RGB pixels of an opened upload (a truncated or corrupt one fails only now: 422)."""
+    try:
+        with image:
+            return image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise RequestError(422, f"image cannot be decoded: {error}") from error
-    return to_tensor(picture).unsqueeze(0)
+
+
+def decode_image(encoded: str, size: int) -> torch.Tensor:
+    """base64 image bytes -> (1, 3, S, S) uint8; a corrupt or oversized upload is the client's error (422)."""
+    picture = _decoded(open_upload(encoded)[0])
+    return to_tensor(picture.resize((size, size), Image.Resampling.BILINEAR)).unsqueeze(0)
+
+
+def normalized_image(encoded: str | None) -> str | None:
+    """The upload as the service keeps it (base64), so that showing it never decodes more than MASTER_SIDE a side:
+    as sent when it is already that small (and under MASTER_BYTES), else downscaled to MASTER_SIDE on its long
+    side and re-encoded as JPEG. Refuses (422) what decode_image refuses."""
+    if encoded is None:
+        return None
+    image, raw = open_upload(encoded)
+    if max(image.size) <= MASTER_SIDE and len(raw) <= MASTER_BYTES:
+        image.close()
+        return encoded
+    picture = _decoded(image)
+    picture.thumbnail((MASTER_SIDE, MASTER_SIDE), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", quality=90)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 class NewItemEncoder:
@@ -103,6 +141,9 @@ class NewItemEncoder:
         unknown = sorted(set(attributes) - known)
         if unknown:
             raise RequestError(422, f"unknown item attributes {unknown}; known: {sorted(known)}")
+        listed = sorted(n for n, v in attributes.items() if isinstance(v, list) and n not in vocab["multi_columns"])
+        if listed:
+            raise RequestError(422, f"attributes {listed} take one value each, got a list")
         categorical = torch.zeros(1, len(vocab["categorical"]), dtype=torch.long)
         for column, (name, values) in enumerate(vocab["categorical"].items()):
             value = attributes.get(name)
@@ -122,10 +163,12 @@ class NewItemEncoder:
             if value is None:
                 continue
             try:
-                value = float(value)
-            except (TypeError, ValueError) as error:
+                number = float(value)
+            except (TypeError, ValueError, OverflowError) as error:
                 raise RequestError(422, f"attribute {name!r} must be a number, got {value!r}") from error
-            numeric[0, column], missing[0, column] = standardised_rank(reference, value), False
+            if not math.isfinite(number):  # "nan", "-inf", "1e999": the catalogue column would hold it
+                raise RequestError(422, f"attribute {name!r} must be a finite number, got {value!r}")
+            numeric[0, column], missing[0, column] = standardised_rank(reference, number), False
         return {"categorical": categorical, "multi_hot": multi, "numeric": numeric, "numeric_missing": missing}
 
     @torch.no_grad()

@@ -1,10 +1,12 @@
 """The shopping-guide page at `/` (static HTML, CSS and JavaScript shipped in the package; no build step,
-nothing fetched from the internet) and the read endpoints it uses besides /recommend and /similar."""
+nothing fetched from the internet), the read endpoints it uses besides /recommend and /similar, and the API
+docs at /docs (Swagger UI from the fastapi-offline package, served from here)."""
 
 from __future__ import annotations
 
 from pathlib import Path as FilePath
 
+import fastapi_offline
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -15,6 +17,8 @@ from multimodal_rec.serving.shop_ids import path_id
 
 STATIC = FilePath(__file__).parent / "static"
 IMAGE_CACHE = "public, max-age=86400"
+IMAGE_CACHE_PRIVATE = "private, max-age=86400"  # behind the read token: browsers may keep it, shared caches not
+SWAGGER_UI = FilePath(fastapi_offline.__file__).parent / "static"
 
 
 def add_page(app: FastAPI, service: RecommenderService, reads: list, errors, path_param, image_root: str | None = None
@@ -22,6 +26,7 @@ def add_page(app: FastAPI, service: RecommenderService, reads: list, errors, pat
     """`errors(*codes)` documents error answers as the app's other routes do; `path_param()` makes the app's id in a
     path (an int, or the shop's own id)."""
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    image_cache = IMAGE_CACHE_PRIVATE if reads else IMAGE_CACHE  # `reads` holds a guard iff a read token is set
 
     @app.get("/", include_in_schema=False)
     def page():
@@ -42,7 +47,7 @@ def add_page(app: FastAPI, service: RecommenderService, reads: list, errors, pat
         root = image_root or artifacts.parts.get("image_root")
         wanted = path_id(artifacts.shop_ids, item_id, "item")
         kind, source, tag = catalog_api.image_source(artifacts, wanted, size, FilePath(root) if root else None)
-        headers = {"Cache-Control": IMAGE_CACHE, "ETag": f'"{tag}"'}
+        headers = {"Cache-Control": image_cache, "ETag": f'"{tag}"'}
         if request.headers.get("if-none-match") == headers["ETag"]:  # before any decoding
             return Response(status_code=304, headers=headers)
         body, media_type = catalog_api.render_image(kind, source, size)
@@ -58,3 +63,14 @@ def add_page(app: FastAPI, service: RecommenderService, reads: list, errors, pat
     def facets():
         """What /recommend can filter on: frequent values of categorical attributes, ranges of numeric ones."""
         return JSONResponse(catalog_api.facets(service.artifacts))
+
+
+def add_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs with every file from this server: FastAPI's own page loads it from a CDN (which fails
+    offline and tells a third party who reads the docs) and starts it with an inline script, which the
+    Content-Security-Policy refuses; here static/docs.js starts it. The schema itself: /openapi.json."""
+    app.mount("/docs-assets", StaticFiles(directory=SWAGGER_UI), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs():
+        return FileResponse(STATIC / "docs.html", headers={"Cache-Control": "no-cache"})

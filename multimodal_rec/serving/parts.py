@@ -24,13 +24,14 @@ import pandas as pd
 import torch
 
 from multimodal_rec.data.sequences import hour_of_day
-from multimodal_rec.embeddings import atomic_file
+from multimodal_rec.embeddings import MANIFEST_FILE, atomic_file, file_record, write_json_atomic
 from multimodal_rec.models.content_graph import unit_features
-from multimodal_rec.serving.model_files import save_parts
+from multimodal_rec.serving.model_files import CONFIG_FILE, WEIGHTS_FILE, save_parts
 
 log = logging.getLogger(__name__)
 
 CATALOG_FILE, MODALITY_PARTS_FILE, USERS_FILE = "catalog.parquet", "modality_parts.npy", "users.parquet"
+SERVING_FILES = (CONFIG_FILE, WEIGHTS_FILE, CATALOG_FILE, USERS_FILE, MODALITY_PARTS_FILE)
 MAX_PARTS_ITEMS = 2_000_000  # beyond this the per-modality vectors would not fit comfortably; reasons omit them
 MAX_GRAPH_VALUES = 400_000_000  # float16 feature values of the warm items kept for new items' content neighbours
 
@@ -159,4 +160,16 @@ def write_serving_parts(model, datamodule, out: str | Path, manifest: dict) -> N
     if vectors is not None:
         with atomic_file(out / MODALITY_PARTS_FILE) as tmp, open(tmp, "wb") as handle:
             np.save(handle, vectors)  # a file object: np.save would append ".npy" to a name
+    else:
+        (out / MODALITY_PARTS_FILE).unlink(missing_ok=True)  # a previous export's would not fit this model
     log.info("wrote the serving parts to %s", out)
+
+
+def record_serving_files(out: str | Path, manifest: dict) -> dict:
+    """The manifest with the size and sha256 of each serving file in `out` (`files`), written to the folder:
+    serving refuses a file that does not match, or is not listed, so call it after the last one is written."""
+    out = Path(out)
+    files = {name: file_record(out / name) for name in SERVING_FILES if (out / name).is_file()}
+    manifest = {**manifest, "files": files}
+    write_json_atomic(out / MANIFEST_FILE, manifest)
+    return manifest

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # strict: no coercion (true is not the id 1, "5" is not 5); JSON's NaN / Infinity (Python reads them): 422
 STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
@@ -14,27 +14,91 @@ MAX_K = 1000
 MAX_RANK_ITEMS = 1000
 MAX_ID = 2**63 - 1  # ids are int64 in the index and the tables
 MAX_SHOP_ID = 200
+MAX_DEPTH = 8  # the deepest a request nests: {"filters": {"price": {"min": 1}}} is 3
+MAX_NUMBER = 2**64  # ints at or beyond it fit no column (float() of 10**400 even raises OverflowError)
+MAX_ATTRIBUTES = 100
+MAX_ATTRIBUTE_VALUES = 1000  # a multi-valued attribute's list
+MAX_ATTRIBUTE_CHARS = 10_000
 # an int id, or the shop's own id for catalogues prepared from a shop's files (serving/shop_ids.py)
 Id = Annotated[int, Field(ge=0, le=MAX_ID)] | Annotated[str, Field(min_length=1, max_length=MAX_SHOP_ID)]
 
 
-class Range(BaseModel):
+def _where(path: tuple) -> str:
+    """A path for an error message, printable whatever the keys hold."""
+    return ".".join(ascii(p)[1:-1] if isinstance(p, str) and not _valid(p) else str(p) for p in path) or "body"
+
+
+def _valid(text: str) -> bool:
+    """False for a string with lone surrogates: it cannot be encoded, so every answer naming it was a 500."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_scalar(value: Any, path: tuple) -> None:
+    if isinstance(value, str):
+        if not _valid(value):
+            raise ValueError(f"{_where(path)}: a string holds a lone surrogate; strings must be valid Unicode")
+    elif isinstance(value, bool):
+        return
+    elif isinstance(value, int) and abs(value) >= MAX_NUMBER:
+        raise ValueError(f"{_where(path)}: a number beyond 64 bits")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{_where(path)}: numbers must be finite, got {value}")
+
+
+def check_json(value: Any) -> None:
+    """Refuses, naming the field, what the JSON parser lets through but nothing downstream handles: strings or
+    keys with lone surrogates, nesting past MAX_DEPTH, ints past 64 bits, non-finite floats. Iterative (a deep
+    body cannot exhaust the stack); paths are built only for the error."""
+    stack = [(value, ())]
+    while stack:
+        value, path = stack.pop()
+        if not isinstance(value, (dict, list)):
+            _check_scalar(value, path)
+            continue
+        if len(path) >= MAX_DEPTH:
+            raise ValueError(f"{_where(path)}: nested deeper than {MAX_DEPTH} levels")
+        for key, inner in value.items() if isinstance(value, dict) else enumerate(value):
+            if isinstance(key, str) and not _valid(key):
+                raise ValueError(f"{_where((*path, key))}: a key holds a lone surrogate; keys must be valid Unicode")
+            if isinstance(inner, (dict, list)):
+                stack.append((inner, (*path, key)))
+            elif inner is not None and not (type(inner) is int and -MAX_NUMBER < inner < MAX_NUMBER):
+                _check_scalar(inner, (*path, key))
+
+
+class Body(BaseModel):
+    """A request body (or a part of one): checked with check_json before any field is validated, so that no
+    field error can carry a surrogate into the answer either."""
     model_config = STRICT
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sound_json(cls, data: Any) -> Any:
+        check_json(data)
+        return data
+
+
+class Range(Body):
     min: float | None = None
     max: float | None = None
 
 
 # bool first: pydantic would otherwise turn a JSON true into 1, which matches no flag such as "cold"
 Filter = Range | bool | str | int | float | list[bool | str | int]
+Scalar = bool | str | int | float
 
 
-class Context(BaseModel):
-    model_config = STRICT
+class Context(Body):
     hour: int | None = Field(None, ge=0, le=23, description="hour of day (UTC) of the request")
 
 
-class QueryFields(BaseModel):
-    model_config = STRICT
+class QueryFields(Body):
     user_id: Id | None = Field(None, description="a known user; their stored history is used")
     history: list[Id] | None = Field(None, max_length=MAX_HISTORY,
                                       description="item ids of the current session, oldest first")
@@ -52,31 +116,40 @@ class RankRequest(QueryFields):
     items: list[Id] = Field(..., min_length=1, max_length=MAX_RANK_ITEMS, description="candidate item ids")
 
 
-class NewItem(BaseModel):
-    model_config = STRICT
+class NewItem(Body):
     item_id: Id
     title: str = Field(..., min_length=1, max_length=1000)
     text: str | None = Field(None, max_length=20000)
     image_base64: str | None = Field(None, description="the image file's bytes, base64-encoded")
-    attributes: dict[str, Any] = Field(default_factory=dict)
+    attributes: dict[str, Scalar | list[Scalar] | None] = Field(
+        default_factory=dict, description="catalogue columns: a string, number or boolean, or a list of those")
 
-    @field_validator("attributes")
+    @field_validator("attributes", mode="before")
     @classmethod
-    def _finite(cls, attributes: dict) -> dict:
-        def check(value, where: str) -> None:
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"attribute {where} is {value}; numbers must be finite")
-            if isinstance(value, (list, dict)):
-                for key, inner in (value.items() if isinstance(value, dict) else enumerate(value)):
-                    check(inner, f"{where}.{key}")
-
+    def _flat(cls, attributes: Any) -> Any:
+        """Attributes are catalogue columns: flat values, bounded, said in one line (the union's own errors
+        would list every member)."""
+        if not isinstance(attributes, dict):
+            return attributes
+        if len(attributes) > MAX_ATTRIBUTES:
+            raise ValueError(f"{len(attributes)} attributes; at most {MAX_ATTRIBUTES}")
         for name, value in attributes.items():
-            check(value, name)
+            if len(name) > MAX_SHOP_ID:
+                raise ValueError(f"an attribute name of {len(name)} characters; at most {MAX_SHOP_ID}")
+            values = value if isinstance(value, list) else [value]
+            if len(values) > MAX_ATTRIBUTE_VALUES:
+                raise ValueError(f"attribute {name!r} holds {len(values)} values; at most {MAX_ATTRIBUTE_VALUES}")
+            for inner in values:
+                if isinstance(inner, (dict, list)):
+                    what = "an object" if isinstance(inner, dict) else "a nested list"
+                    raise ValueError(f"attribute {name!r} holds {what}; attributes are flat: strings, numbers, "
+                                     "booleans or lists of those")
+                if isinstance(inner, str) and len(inner) > MAX_ATTRIBUTE_CHARS:
+                    raise ValueError(f"attribute {name!r} holds a string over {MAX_ATTRIBUTE_CHARS} characters")
         return attributes
 
 
-class ReloadRequest(BaseModel):
-    model_config = STRICT
+class ReloadRequest(Body):
     artifacts: str | None = Field(None, description="folder to load; default: reload the current one")
 
 

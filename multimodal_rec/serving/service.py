@@ -16,11 +16,13 @@ from multimodal_rec.serving.access_log import hashed_id
 from multimodal_rec.serving.artifacts import Artifacts, load_artifacts
 from multimodal_rec.serving.errors import RequestError
 from multimodal_rec.serving.filters import RESERVED
-from multimodal_rec.serving.journal import Journal
-from multimodal_rec.serving.new_items import NewItemEncoder
+from multimodal_rec.serving.journal import Journal, JournalError
+from multimodal_rec.serving.new_items import NewItemEncoder, normalized_image
 from multimodal_rec.serving.shop_ids import answer_out, items_in, known_item_row, known_user, user_in
+from multimodal_rec.serving.stored_vectors import encoding_entry, encoding_key, stored_encoding
 
 log = logging.getLogger(__name__)
+REPLAY_BATCH = 1024  # journaled additions inserted together on a replay
 
 
 class RecommenderService:
@@ -81,7 +83,28 @@ class RecommenderService:
                 "data_fingerprint": artifacts.manifest["data_fingerprint"],
                 "checkpoint_sha256": artifacts.manifest["checkpoint_sha256"], "loaded_at": self.loaded_at,
                 "privacy": artifacts.manifest.get("privacy"),  # (epsilon, delta) spent in training, if DP
-                "journal": str(self.journal.path) if self.journal else None}
+                "journal": str(self.journal.path) if self.journal else None, "writes": self.writes()}
+
+    def writes(self) -> dict:
+        """Whether writes (items, withdrawals, forgetting) can be taken now, and why not."""
+        reason = self.journal.unavailable if self.journal is not None else None
+        return {"available": reason is None, **({"reason": reason} if reason else {})}
+
+    def _refuse_if_unwritable(self) -> None:
+        if self.journal is not None and self.journal.unavailable:
+            raise RequestError(503, f"writes are unavailable: {self.journal.unavailable}",
+                               headers={"Retry-After": "60"})
+
+    def _journal(self, entry: dict) -> None:
+        """Journals a write before it takes effect; 503 with the reason when the journal cannot take it."""
+        if self.journal is None:
+            return
+        self._refuse_if_unwritable()
+        try:
+            self.journal.append(entry)
+        except JournalError as error:
+            raise RequestError(503, f"writes are unavailable: {error.strerror or error}",
+                               headers={"Retry-After": "60"}) from error
 
     # ---- requests: ids as the client sends them (the shop's own, see shop_ids.py), answers alike --------
     def _query(self, artifacts: Artifacts, user_id, history, profile, hour) -> engine.Query:
@@ -112,7 +135,8 @@ class RecommenderService:
 
     def add_item(self, item_id, title: str, text: str | None, image_base64: str | None, attributes: dict) -> dict:
         """Encodes a new item with the item tower, journals it and makes it recommendable at once."""
-        item = {"item_id": item_id, "title": title, "text": text, "image_base64": image_base64,
+        self._refuse_if_unwritable()  # before the encoders' work
+        item = {"item_id": item_id, "title": title, "text": text, "image_base64": normalized_image(image_base64),
                 "attributes": attributes}
         for _ in range(3):
             artifacts, encoder = self._state
@@ -121,15 +145,14 @@ class RecommenderService:
             if self._exists(artifacts, item_id):
                 raise RequestError(409, f"item {item_id} already exists", item_id=item_id)
             # the slow part, outside the write lock (withdrawals do not wait for it); a bad image is a 422
-            encoded = encoder.encode(text, image_base64, attributes)
+            encoded = encoder.encode(text, item["image_base64"], attributes)  # as a replay would encode it
             with self._write_lock:
                 if self._state[0] is not artifacts:
                     continue  # reloaded meanwhile: encode again with the model now in service
                 if self._exists(artifacts, item_id):
                     raise RequestError(409, f"item {item_id} already exists", item_id=item_id)
-                if self.journal is not None:
-                    self.journal.append({"op": "add", "item": item})
-                _insert(artifacts, item, *encoded)
+                self._journal({"op": "add", "item": item, "encoded": encoding_entry(artifacts, *encoded)})
+                _insert_many(artifacts, [(item, *encoded)])
             log.info("added item %s", item_id)
             return {"item_id": item_id, "indexed": True, "items": len(artifacts.item_ids)}
         raise RequestError(503, "the artifacts were reloaded three times while the item was encoded; send it again")
@@ -140,8 +163,7 @@ class RecommenderService:
             artifacts = self.artifacts
             row = known_item_row(artifacts, item_id)
             if row not in artifacts.withdrawn:
-                if self.journal is not None:
-                    self.journal.append({"op": "withdraw", "item_id": item_id})
+                self._journal({"op": "withdraw", "item_id": item_id})
                 artifacts.withdrawn = artifacts.withdrawn | {row}  # a new set: readers see the old or the new
         log.info("withdrew item %s", item_id)
         return {"item_id": item_id, "withdrawn": True, "withdrawn_items": len(artifacts.withdrawn)}
@@ -156,43 +178,60 @@ class RecommenderService:
                 return {"forgotten": True, "forgotten_users": len(artifacts.forgotten)}
             if canonical not in artifacts.user_row:
                 raise RequestError(404, f"unknown user id {user_id}", unknown_user_id=user_id)
-            if self.journal is not None:
-                self.journal.append({"op": "forget_user", "user_id": user_id})
+            self._journal({"op": "forget_user", "user_id": user_id})
             _forget(artifacts, canonical)
         log.info("forgot user %s", hashed_id(user_id))
         return {"forgotten": True, "forgotten_users": len(artifacts.forgotten)}
 
     def _replay(self, artifacts: Artifacts, encoder: NewItemEncoder) -> None:
         """The journal's additions and withdrawals, applied in order to freshly loaded artifacts; an item the
-        artifacts already hold (a later export took it in) is kept as exported."""
-        added = withdrawn = skipped = 0
-        entries = self.journal.entries()
-        self.replayed_entries = len(entries)
-        for entry in entries:
+        artifacts already hold (a later export took it in) is kept as exported. The journal is read line by
+        line; an addition keeps the vector it was encoded to, reused while the model is the same (a reload of
+        another model encodes it again), and additions are inserted in batches, not one array copy each."""
+        counts = {"added": 0, "reused": 0, "withdrawn": 0, "skipped": 0, "entries": 0}
+        model, pending, pending_ids = encoding_key(artifacts), [], set()
+        for entry in self.journal.entries():
+            counts["entries"] += 1
+            op = entry.get("op")
             try:
-                if entry["op"] == "add":
+                if op == "add":
                     item = entry["item"]
-                    if self._exists(artifacts, item["item_id"]):
-                        skipped += 1
+                    if self._exists(artifacts, item["item_id"]) or str(item["item_id"]) in pending_ids:
+                        counts["skipped"] += 1
                         continue
-                    encoded = encoder.encode(item.get("text"), item.get("image_base64"), item.get("attributes") or {})
-                    _insert(artifacts, item, *encoded)
-                    added += 1
-                elif entry["op"] == "forget_user":
+                    encoded = stored_encoding(entry.get("encoded"), model, artifacts)
+                    counts["reused"] += encoded is not None
+                    if encoded is None:
+                        encoded = encoder.encode(item.get("text"), item.get("image_base64"),
+                                                 item.get("attributes") or {})
+                    pending.append((item, *encoded))
+                    pending_ids.add(str(item["item_id"]))
+                    if len(pending) >= REPLAY_BATCH:
+                        counts["added"] += _insert_many(artifacts, pending)
+                        pending, pending_ids = [], set()
+                    continue
+                counts["added"] += _insert_many(artifacts, pending)  # in order: later ops may name them
+                pending, pending_ids = [], set()
+                if op == "forget_user":
                     canonical = user_in(artifacts.shop_ids, entry["user_id"])
                     if canonical in artifacts.user_row:
                         _forget(artifacts, canonical)
-                elif entry["op"] == "withdraw":
+                elif op == "withdraw":
                     row = known_item_row(artifacts, entry["item_id"])  # unknown: a RequestError, skipped below
                     artifacts.withdrawn = artifacts.withdrawn | {row}
-                    withdrawn += 1
+                    counts["withdrawn"] += 1
                 else:
-                    raise KeyError(f"unknown op {entry['op']!r}")
+                    raise KeyError(f"unknown op {str(op)[:40]!r}")
             except (KeyError, TypeError, ValueError) as error:  # RequestError is a ValueError
-                log.warning("journal entry (op %s) skipped: %s", entry.get("op"), error)  # no user ids in logs
-        if added or withdrawn or skipped:
-            log.info("journal %s replayed: %d items added, %d withdrawn, %d already exported", self.journal.path,
-                     added, withdrawn, skipped)
+                # the op and the kind of error only: a forgotten user's id must not reach the logs
+                log.warning("journal entry %d (op %s) skipped: %s", counts["entries"], str(op)[:40],
+                            type(error).__name__)
+        counts["added"] += _insert_many(artifacts, pending)
+        self.replayed_entries = counts["entries"]
+        if counts["added"] or counts["withdrawn"] or counts["skipped"]:
+            log.info("journal %s replayed: %d items added (%d with their stored vectors), %d withdrawn, %d already "
+                     "exported", self.journal.path, counts["added"], counts["reused"], counts["withdrawn"],
+                     counts["skipped"])
 
 
 def _forget(artifacts: Artifacts, user_id: int) -> None:
@@ -208,30 +247,47 @@ def _forget(artifacts: Artifacts, user_id: int) -> None:
         artifacts.forgotten = artifacts.forgotten | {user_id}
 
 
-def _insert(artifacts: Artifacts, item: dict, vector: np.ndarray, parts: np.ndarray | None) -> None:
-    """Makes an encoded item searchable; the caller holds the service's write lock. A shop id gets the next
-    canonical id (the journal replays additions in order, so a restart gives the same)."""
-    ids, title, attributes = artifacts.shop_ids, str(item["title"]), item.get("attributes") or {}
-    item_id = int(item["item_id"]) if ids is None else int(artifacts.item_ids.max(initial=0)) + 1
-    row = {"item_id": item_id, "title": title, "popularity": 0, "cold": True,
-           "has_image": item.get("image_base64") is not None, "has_text": bool((item.get("text") or "").strip())}
-    if ids is not None:
-        row["source_id"] = str(item["item_id"])
-    row.update({k: v for k, v in attributes.items() if k in artifacts.catalog.columns and k not in RESERVED})
-    with artifacts.lock:
-        artifacts.index.add(np.array([item_id], dtype=np.int64), vector[None])
-        artifacts.item_vectors = np.vstack([artifacts.item_vectors, vector[None]])
-        if artifacts.modality_parts is not None:
-            extra = parts[None] if parts is not None else np.zeros_like(artifacts.modality_parts[:1])
-            artifacts.modality_parts = np.concatenate([artifacts.modality_parts, extra])
-        addition = pd.DataFrame([row]).astype({c: artifacts.catalog[c].dtype for c in row
-                                               if c in artifacts.catalog and c != "title"}, errors="ignore")
-        artifacts.catalog = pd.concat([artifacts.catalog, addition], ignore_index=True)
-        artifacts.titles = np.append(artifacts.titles, np.array([title], dtype=object))
-        artifacts.item_ids = np.append(artifacts.item_ids, np.int64(item_id))
-        if item.get("image_base64"):
-            artifacts.uploaded_images[item_id] = item["image_base64"]
-        artifacts.item_row[item_id] = len(artifacts.item_ids) - 1  # readers now see a whole item
+def _insert_many(artifacts: Artifacts, encoded: list[tuple[dict, np.ndarray, np.ndarray | None]]) -> int:
+    """Makes encoded items searchable, in one copy of each array; the caller holds the service's write lock;
+    returns how many. A shop id gets the next canonical id (the journal replays additions in order, so a
+    restart gives the same)."""
+    if not encoded:
+        return 0
+    ids = artifacts.shop_ids
+    next_id = int(artifacts.item_ids.max(initial=0)) + 1
+    rows, item_ids = [], []
+    for number, (item, _, _) in enumerate(encoded):
+        item_id = int(item["item_id"]) if ids is None else next_id + number
+        row = {"item_id": item_id, "title": str(item["title"]), "popularity": 0, "cold": True,
+               "has_image": item.get("image_base64") is not None,
+               "has_text": bool((item.get("text") or "").strip())}
         if ids is not None:
-            ids.item_source[item_id] = row["source_id"]
-            ids.item_canonical[row["source_id"]] = item_id
+            row["source_id"] = str(item["item_id"])
+        row.update({k: v for k, v in (item.get("attributes") or {}).items()
+                    if k in artifacts.catalog.columns and k not in RESERVED})
+        rows.append(row)
+        item_ids.append(item_id)
+    new_ids = np.asarray(item_ids, dtype=np.int64)
+    vectors = np.stack([vector for _, vector, _ in encoded]).astype(np.float32)
+    with artifacts.lock:
+        artifacts.index.add(new_ids, vectors)
+        artifacts.item_vectors = np.concatenate([artifacts.item_vectors, vectors])
+        if artifacts.modality_parts is not None:
+            blank = np.zeros_like(artifacts.modality_parts[0])
+            extra = np.stack([parts if parts is not None else blank for _, _, parts in encoded])
+            artifacts.modality_parts = np.concatenate([artifacts.modality_parts, extra.astype(blank.dtype)])
+        columns = {c for row in rows for c in row}
+        addition = pd.DataFrame(rows).astype({c: artifacts.catalog[c].dtype for c in columns
+                                              if c in artifacts.catalog and c != "title"}, errors="ignore")
+        artifacts.catalog = pd.concat([artifacts.catalog, addition], ignore_index=True)
+        artifacts.titles = np.append(artifacts.titles, np.array([r["title"] for r in rows], dtype=object))
+        first = len(artifacts.item_ids)
+        artifacts.item_ids = np.append(artifacts.item_ids, new_ids)
+        for number, (item, _, _) in enumerate(encoded):
+            if item.get("image_base64"):
+                artifacts.uploaded_images[item_ids[number]] = item["image_base64"]
+            if ids is not None:
+                ids.item_source[item_ids[number]] = rows[number]["source_id"]
+                ids.item_canonical[rows[number]["source_id"]] = item_ids[number]
+            artifacts.item_row[item_ids[number]] = first + number  # readers now see a whole item
+    return len(encoded)

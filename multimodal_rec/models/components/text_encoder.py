@@ -30,7 +30,9 @@ class TextEncoder(nn.Module):
         if pretrained:
             self.net = AutoModel.from_pretrained(resolve_tokenizer_path(model))
         else:
-            config = BertConfig(**MINILM_L6) if model == "minilm" else AutoConfig.from_pretrained(model)
+            # a local folder only, never the hub: modules are rebuilt this way when artifacts are served
+            config = BertConfig(**MINILM_L6) if model == "minilm" else AutoConfig.from_pretrained(
+                resolve_tokenizer_path(model), local_files_only=True)
             if tiny_hidden:
                 config.update({"hidden_size": tiny_hidden, "num_hidden_layers": tiny_layers,
                                "num_attention_heads": 2, "intermediate_size": tiny_hidden * 2})

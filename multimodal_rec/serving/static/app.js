@@ -1,9 +1,13 @@
 // The shopping guide: a session of clicked products, recommendations that follow it (POST /recommend),
 // filters from the catalogue's facets, similar products. Plain DOM, text set with textContent only.
+// Where the server needs a read token, the page asks for it once, keeps it for the tab (sessionStorage) and sends
+// it as "Authorization: Bearer"; pictures then come through fetch() and blob URLs, since <img> cannot send it.
 "use strict";
 
 const K = 12;
-const state = { userId: null, before: [], session: [], titles: new Map(), facets: null, busy: 0, asked: 0 };
+const TOKEN_KEY = "mmrec-read-token";
+const state = { userId: null, before: [], session: [], titles: new Map(), facets: null, busy: 0, asked: 0,
+                token: sessionStorage.getItem(TOKEN_KEY) };
 const $ = (id) => document.getElementById(id);
 
 function el(tag, props = {}, ...children) {
@@ -23,22 +27,68 @@ function showError(message) {
   box.hidden = !message;
 }
 
+const authorization = () => (state.token ? { Authorization: `Bearer ${state.token}` } : {});
+
+function askToken(why) {
+  state.token = null;
+  sessionStorage.removeItem(TOKEN_KEY);
+  $("token-why").textContent = why;
+  if (!state.facets) $("status").textContent = "waiting for the access token";
+  $("token-form").hidden = false;
+  $("token").focus();
+}
+
 async function api(method, path, body) {
   const response = await fetch(path, {
-    method, headers: body ? { "Content-Type": "application/json" } : {},
+    method, headers: { ...(body ? { "Content-Type": "application/json" } : {}), ...authorization() },
     body: body ? JSON.stringify(body) : undefined,
   });
   const data = await response.json().catch(() => ({}));
   if (!response.ok) {
+    // the page only reads: a 401 or 403 means the read token is missing or wrong
+    if (response.status === 401) askToken("This shop's recommender needs its access token.");
+    if (response.status === 403) askToken("That token is not accepted: enter the read token.");
     const detail = data.detail || response.statusText;
     const where = (data.errors || []).map((e) => `${e.where}: ${e.problem}`).join("; ");
-    throw new Error(`${detail}${where ? ` (${where})` : ""} [HTTP ${response.status}]`);
+    throw Object.assign(new Error(`${detail}${where ? ` (${where})` : ""} [HTTP ${response.status}]`),
+                        { status: response.status });
   }
   return data;
 }
 
-const image = (id, title, size = 256) =>
-  el("img", { src: `/items/${encodeURIComponent(id)}/image?size=${size}`, alt: title || `item ${id}`, loading: "lazy" });
+// pictures behind the token: fetched when they come near the view (as loading="lazy" would), shown by blob URL
+const nearView = new IntersectionObserver((entries) => {
+  for (const entry of entries) {
+    if (!entry.isIntersecting) continue;
+    nearView.unobserve(entry.target);
+    fetchImage(entry.target);
+  }
+}, { rootMargin: "300px" });
+
+async function fetchImage(img) {
+  try {
+    const response = await fetch(img.dataset.src, { headers: authorization() });
+    if (!response.ok) throw new Error(`HTTP ${response.status}`);
+    const url = URL.createObjectURL(await response.blob());
+    const release = () => URL.revokeObjectURL(url);  // once decoded, the picture no longer needs its URL
+    img.addEventListener("load", release, { once: true });
+    img.addEventListener("error", release, { once: true });
+    img.src = url;
+  } catch (error) {
+    img.title = `picture not loaded: ${error.message}`;
+  }
+}
+
+function image(id, title, size = 256) {
+  const src = `/items/${encodeURIComponent(id)}/image?size=${size}`;
+  const img = el("img", { alt: title || `item ${id}`, loading: "lazy" });
+  if (!state.token) img.src = src;
+  else {
+    img.dataset.src = src;
+    nearView.observe(img);
+  }
+  return img;
+}
 
 function describe(attributes) {
   return Object.entries(attributes || {})
@@ -192,16 +242,35 @@ function buildFilters(facets) {
   form.append(el("label", {}, el("input", { type: "checkbox", id: "new-arrivals", onchange: refresh }), " new arrivals only"));
 }
 
-async function init() {
+async function connect() {
   try {
     const [ready, facets] = await Promise.all([api("GET", "/readyz"), api("GET", "/catalog/facets")]);
     $("status").textContent = `${ready.items.toLocaleString()} products, ${ready.users.toLocaleString()} shoppers`;
     state.facets = facets;
     $("user-ids").replaceChildren(...facets.example_user_ids.map((u) => el("option", { value: u })));
     buildFilters(facets);
-  } catch (error) {
-    showError(`The recommender is not reachable: ${error.message}`);
+    showError("");
+  } catch (error) {  // a missing or wrong token: the token form says so
+    showError(error.status === 401 || error.status === 403 ? "" : `The recommender is not reachable: ${error.message}`);
   }
+}
+
+async function init() {
+  await connect();
+  $("token-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const value = $("token").value.trim();
+    if (!value) return;
+    state.token = value;
+    sessionStorage.setItem(TOKEN_KEY, value);
+    $("token").value = "";
+    $("token-form").hidden = true;
+    if (!state.facets) return connect();  // then the pictures and answers shown so far are fetched again
+    if (!$("session").hidden) {
+      renderSession();
+      refresh();
+    }
+  });
   $("user-form").addEventListener("submit", (event) => {
     event.preventDefault();
     const value = $("user-id").value.trim();
