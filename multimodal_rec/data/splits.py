@@ -1,4 +1,4 @@
-"""Time-ordered leave-one-out splits, exactly as DESIGN.md's evaluation protocol says.
+"""Time-ordered leave-one-out splits, exactly as the evaluation protocol says (docs/evaluation.md).
 
 Per user, interactions are ordered by timestamp, ties broken by item id. The last one is the test
 target, the second-to-last the validation target, the rest the training history. A user with two
@@ -14,7 +14,7 @@ target's situation. Its test figures are not the benchmark's (the test history e
 
 Optionally a seeded fraction of items is held out as cold-start items: they are removed from every
 training sequence (so no model sees them in training) and validation/test targets that hit them
-are reported apart (`stage="test_cold"`), as DESIGN.md asks.
+are reported apart (`stage="test_cold"`), as docs/evaluation.md asks.
 
 Users and items are addressed by dense indices (0..n-1) in the order of the canonical tables.
 """

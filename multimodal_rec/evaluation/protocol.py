@@ -45,7 +45,7 @@ def evaluate(
 
 
 def prefixed(metrics: dict[str, float], stage: str) -> dict[str, float]:
-    """`ndcg@10` -> `test/ndcg@10` (DESIGN.md's metric names)."""
+    """`ndcg@10` -> `test/ndcg@10` (the metric names of docs/evaluation.md)."""
     return {f"{stage}/{name}": value for name, value in metrics.items()}
 
 

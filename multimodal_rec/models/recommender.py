@@ -9,7 +9,7 @@ the model would learn to push exactly them down. The score is a dot product of t
 (`score=dot`, the default: a vector's norm can say how popular or how certain it is) or their cosine divided
 by a fixed temperature (`score=cosine`). With `rerank_top` > 0 the ranker re-orders that many retrieved
 candidates with a listwise softmax (0, the default: retrieval's order is the answer). Evaluation is full
-ranking over all items (DESIGN.md), seen items excluded.
+ranking over all items (docs/evaluation.md), seen items excluded.
 
 With `item_bias`, the retrieval score adds a per-item bias read off the item tower's vector (temperature x
 bias for cosine), as matrix factorisation has item biases. With `cold_offset` every item never trained on (held-out
