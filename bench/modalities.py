@@ -4,7 +4,7 @@ of its settings undone (`--variants sampled cosine profile_context small_gru ran
 users and on the cold-start items; each variant trained with every seed given, the
 table shows the mean over seeds (and the standard deviation of NDCG@10).
 
-    python bench/modalities.py                       # ml100k_mm (needs ../shared/data), seed 0
+    python bench/modalities.py                       # ml100k_mm (needs MMREC_SHARED_DATA), seed 0
     OMP_NUM_THREADS=1 python bench/modalities.py --jobs 2 --seeds 0 1 2   # two runs at a time
     python bench/modalities.py --data synthetic --variants id full -- trainer.max_epochs=5
     python bench/modalities.py --seeds 0 1 2 --retest   # test the runs' best checkpoints again, no training

@@ -3,7 +3,7 @@
 Each model runs in its own child process, so training time and peak memory are its own. Prints one
 table for the warm test users and one for the cold-start items, and writes both as JSON.
 
-    python bench/quality.py                                   # ml100k_mm (needs ../shared/data)
+    python bench/quality.py                                   # ml100k_mm (needs MMREC_SHARED_DATA)
     python bench/quality.py --models popularity item_knn sasrec multimodal
     python bench/quality.py --models sasrec multimodal --seeds 0 1 2 3 4   # mean (and sd of NDCG@10) of seeds
     python bench/quality.py --models sasrec -- baseline.sasrec.dim=128      # a baseline's own settings

@@ -41,7 +41,7 @@ K = 20
 
 
 def prepare_artifacts(run: Path, artifacts: Path) -> None:
-    """export + flat index, as the README's walkthrough runs them."""
+    """export + flat index, as the README's pipeline runs them."""
     if not (artifacts / MANIFEST_FILE).is_file():
         subprocess.run([sys.executable, "-m", "multimodal_rec.export", f"ckpt_path={run}", f"out={artifacts}"],
                        check=True)

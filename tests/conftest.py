@@ -1,4 +1,4 @@
-"""Shared fixtures: the real data (skipped where ../shared is absent) and tiny generated data."""
+"""Shared fixtures: the real data (skipped where the data folder is absent) and tiny generated data."""
 
 from __future__ import annotations
 

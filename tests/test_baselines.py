@@ -184,7 +184,7 @@ def test_popularity_and_item_knn_match_other_libraries_on_ml100k(ml100k_mm_dir):
 
     split = build_split(load_dataset(ml100k_mm_dir))
     pop = Popularity().fit(split).evaluate(split, "test")
-    # RecBole's popularity on the same protocol: HR@10 0.050, NDCG@10 0.025 (PEERS.md)
+    # RecBole's popularity on the same protocol: HR@10 0.050, NDCG@10 0.025 (docs/benchmarks.md, library peers)
     assert pop["n_users"] == 943
     assert pop["hr@10"] == pytest.approx(0.050, abs=0.005)
     assert pop["ndcg@10"] == pytest.approx(0.025, abs=0.005)

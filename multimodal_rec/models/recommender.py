@@ -14,7 +14,7 @@ ranking over all items (docs/evaluation.md), seen items excluded.
 With `item_bias`, the retrieval score adds a per-item bias read off the item tower's vector (temperature x
 bias for cosine), as matrix factorisation has item biases. With `cold_offset` every item never trained on (held-out
 cold items, items added while serving) has that constant added to its score: a new-arrivals boost, which trades
-warm hits for cold ones (README, Cold start); training never sees it (those items are out of the softmax).
+warm hits for cold ones (docs/experiments/cold-start.md); training never sees it (those items are out of the softmax).
 Retrieval vectors are then [v, bias] for items and [q, 1] for queries, so inner-product search stays exact.
 Reference: Klenitskiy & Vasilev, "Turning Dross Into Gold Loss: is BERT4Rec really better than SASRec?",
 RecSys 2023 (full cross-entropy); Yi et al., "Sampling-Bias-Corrected Neural Modeling for Large Corpus Item
