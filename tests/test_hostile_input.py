@@ -8,6 +8,7 @@ import io
 import json
 import shutil
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -134,7 +135,8 @@ def test_a_3000x2000_upload_is_accepted_and_kept_bounded(live):
     answer = _post(client, "/items", {"item_id": 7_000_060, "title": "big photo",
                                       "image_base64": _png((3000, 2000), color=(200, 40, 40))})
     assert answer.status_code == 201, answer.text
-    kept = base64.b64decode(service.artifacts.uploaded_images[7_000_060])
+    kept = service.artifacts.uploaded_images[7_000_060]  # a file beside the journal, or inline without one
+    kept = kept.read_bytes() if isinstance(kept, Path) else base64.b64decode(kept)
     with Image.open(io.BytesIO(kept)) as image:
         assert image.size == (1024, 683)
     picture = client.get("/items/7000060/image", params={"size": 512})

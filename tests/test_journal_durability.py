@@ -160,3 +160,37 @@ def test_a_real_disk_filling_mid_append_keeps_every_acknowledged_entry(tiny_disk
     filler.unlink()  # the operator frees space: the next entry is whole and readable
     journal.append({"op": "withdraw", "item_id": 3})
     assert [e.get("item_id") for e in Journal(tiny_disk / "journal.jsonl").entries()] == [1, 3]
+
+
+def _png(width: int, height: int) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def test_pictures_are_files_beside_the_journal_not_in_it_nor_in_memory(root):
+    client = TestClient(create_app(_service(root), tokens=Tokens(write=WRITE)))
+    body = {"item_id": 7_000_001, "title": "red", "image_base64": _png(300, 200)}
+    assert client.post("/items", json=body, headers=HEADERS).status_code == 201
+    line = (root / "journal.jsonl").read_text()
+    assert "image_base64" not in line and len(line) < 4000  # the entry names the picture, a few hundred bytes
+    (stored,) = (root / "journal.jsonl.pictures").iterdir()
+    restarted = _service(root)
+    assert restarted.artifacts.uploaded_images[7_000_001] == stored  # a path, not the picture
+    picture = TestClient(create_app(restarted)).get("/items/7000001/image?size=64")
+    assert picture.status_code == 200 and picture.headers["content-type"] == "image/jpeg"
+
+
+def test_a_journaled_picture_name_never_leads_out_of_the_pictures_folder(root, tmp_path):
+    secret = root / "secret.img"
+    secret.write_bytes(b"not yours")
+    Journal(root / "journal.jsonl").append({"op": "add", "item": {"item_id": 7_000_001, "title": "x",
+                                                                  "image_file": "../secret.img"}})
+    service = _service(root)
+    assert 7_000_001 not in service.artifacts.uploaded_images  # the name is refused, the item kept without it
+    assert service.artifacts.item_row.get(7_000_001) is not None

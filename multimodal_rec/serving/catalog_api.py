@@ -87,8 +87,9 @@ def facets(artifacts: Artifacts) -> dict:
 
 def image_source(artifacts: Artifacts, item_id, size: int, image_root: Path | None) -> tuple[str, object, str]:
     """(kind, source, etag) of the item's picture, found without decoding it, so that a request that already
-    holds the picture (If-None-Match) costs no decoding: kind "upload" (base64), "synthetic" (a ref to
-    render), "file" (a path under `image_root`) or "placeholder".
+    holds the picture (If-None-Match) costs no decoding: kind "upload" (base64, items added without a journal),
+    "synthetic" (a ref to render), "file" (a path under `image_root`, or an added item's stored picture) or
+    "placeholder".
 
     Where pictures may come from: `image_root` is serve.yaml's (the operator's, trusted as it is) or else
     model.json's, which load_artifacts keeps only inside the artifact folder or the tree the artifacts root
@@ -98,6 +99,8 @@ def image_source(artifacts: Artifacts, item_id, size: int, image_root: Path | No
     uploaded = artifacts.uploaded_images.get(int(artifacts.item_ids[row]))
     ref = artifacts.catalog["image"].iat[row] if "image" in artifacts.catalog else None
     tag = hashlib.sha256(f"{item_id}:{ref}:{size}:{uploaded is not None}".encode()).hexdigest()[:20]
+    if isinstance(uploaded, Path):  # an item added through the API: its picture stored beside the journal
+        return "file", uploaded, tag
     if uploaded is not None:
         return "upload", uploaded, tag
     if isinstance(ref, str) and is_synthetic_ref(ref):

@@ -10,20 +10,28 @@ An acknowledged entry is never lost:
   taking writes (each answered 503 with the reason) until the server is restarted on a healthy disk;
 - a journal that cannot be written at all (a read-only folder, a path that is a folder) is found at start:
   `unavailable` says why, and writes answer 503 instead of failing one by one.
+
+Pictures of added items are not in the journal: each is a file named by its sha256 in `<journal>.pictures/`,
+written and fsynced before the entry that names it, so the journal stays small, a replay reads it quickly,
+and the server holds paths, not pictures, in memory.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
+import re
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+PICTURE_NAME = re.compile(r"[0-9a-f]{64}\.img")  # what store_picture names; anything else is never opened
 
 
 class JournalError(OSError):
@@ -33,6 +41,7 @@ class JournalError(OSError):
 class Journal:
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.pictures = self.path.with_name(self.path.name + ".pictures")
         self._lock = threading.Lock()
         self.unavailable: str | None = None  # why writes cannot be journaled; None: they can
         try:
@@ -99,6 +108,40 @@ class Journal:
                                 f"({second.strerror or second}, after {error.strerror or error}); restart on a "
                                 "writable disk (the partial line is dropped at start)")
             log.error("%s", self.unavailable)
+
+    def store_picture(self, data: bytes) -> str:
+        """Keeps a picture durably (written, fsynced, renamed into place) and returns its name; the same bytes
+        are stored once. Raises JournalError when it cannot."""
+        name = hashlib.sha256(data).hexdigest() + ".img"
+        target = self.pictures / name
+        if self.unavailable:
+            raise JournalError(errno.EROFS, self.unavailable)
+        try:
+            if target.is_file() and target.stat().st_size == len(data):
+                return name
+            self.pictures.mkdir(exist_ok=True)
+            handle, temporary = tempfile.mkstemp(dir=self.pictures, prefix=".part-")
+            try:
+                with os.fdopen(handle, "wb") as stream:
+                    stream.write(data)
+                    stream.flush()
+                    os.fsync(stream.fileno())
+                os.replace(temporary, target)
+            finally:
+                if os.path.exists(temporary):
+                    os.unlink(temporary)
+            _fsync_directory(self.pictures)
+        except OSError as error:
+            raise JournalError(error.errno, f"the picture could not be stored in {self.pictures} "
+                                            f"({error.strerror or error}); nothing was changed") from error
+        return name
+
+    def picture(self, name) -> Path | None:
+        """The stored picture `name` names, or None for a name store_picture never gives or a missing file."""
+        if not isinstance(name, str) or not PICTURE_NAME.fullmatch(name):
+            return None
+        path = self.pictures / name
+        return path if path.is_file() else None
 
     def entries(self) -> Iterator[dict]:
         """Every readable entry, oldest first, read line by line; an unreadable line is skipped with a warning

@@ -3,20 +3,18 @@ swaps in new artifacts."""
 
 from __future__ import annotations
 
+import base64
 import logging
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-
 from multimodal_rec.serving import engine
 from multimodal_rec.serving.access_log import hashed_id
 from multimodal_rec.serving.artifacts import Artifacts, load_artifacts
 from multimodal_rec.serving.errors import RequestError
-from multimodal_rec.serving.filters import RESERVED
 from multimodal_rec.serving.journal import Journal, JournalError
+from multimodal_rec.serving.live_catalog import forget, insert_many
 from multimodal_rec.serving.new_items import NewItemEncoder, normalized_image
 from multimodal_rec.serving.shop_ids import answer_out, items_in, known_item_row, known_user, user_in
 from multimodal_rec.serving.stored_vectors import encoding_entry, encoding_key, stored_encoding
@@ -136,8 +134,8 @@ class RecommenderService:
     def add_item(self, item_id, title: str, text: str | None, image_base64: str | None, attributes: dict) -> dict:
         """Encodes a new item with the item tower, journals it and makes it recommendable at once."""
         self._refuse_if_unwritable()  # before the encoders' work
-        item = {"item_id": item_id, "title": title, "text": text, "image_base64": normalized_image(image_base64),
-                "attributes": attributes}
+        picture = normalized_image(image_base64)  # at most 1024 px a side (a larger upload is downscaled)
+        item = {"item_id": item_id, "title": title, "text": text, "attributes": attributes}
         for _ in range(3):
             artifacts, encoder = self._state
             if artifacts.shop_ids is None and isinstance(item_id, str):
@@ -145,17 +143,44 @@ class RecommenderService:
             if self._exists(artifacts, item_id):
                 raise RequestError(409, f"item {item_id} already exists", item_id=item_id)
             # the slow part, outside the write lock (withdrawals do not wait for it); a bad image is a 422
-            encoded = encoder.encode(text, item["image_base64"], attributes)  # as a replay would encode it
+            encoded = encoder.encode(text, picture, attributes)  # as a replay would encode it
+            kept = self._keep_picture(item, picture)
             with self._write_lock:
                 if self._state[0] is not artifacts:
                     continue  # reloaded meanwhile: encode again with the model now in service
                 if self._exists(artifacts, item_id):
                     raise RequestError(409, f"item {item_id} already exists", item_id=item_id)
-                self._journal({"op": "add", "item": item, "encoded": encoding_entry(artifacts, *encoded)})
-                _insert_many(artifacts, [(item, *encoded)])
+                self._journal({"op": "add", "item": kept, "encoded": encoding_entry(artifacts, *encoded)})
+                insert_many(artifacts, [(kept, *encoded)], self._picture_path)
             log.info("added item %s", item_id)
             return {"item_id": item_id, "indexed": True, "items": len(artifacts.item_ids)}
         raise RequestError(503, "the artifacts were reloaded three times while the item was encoded; send it again")
+
+    def _keep_picture(self, item: dict, picture: str | None) -> dict:
+        """The item as journaled: its picture stored as a file beside the journal and named (in memory, without a
+        journal)."""
+        if picture is None:
+            return item
+        if self.journal is None:
+            return {**item, "image_base64": picture}
+        try:
+            return {**item, "image_file": self.journal.store_picture(base64.b64decode(picture))}
+        except JournalError as error:
+            raise RequestError(503, f"writes are unavailable: {error.strerror or error}",
+                               headers={"Retry-After": "60"}) from error
+
+    def _picture_path(self, name) -> Path | None:
+        return self.journal.picture(name) if self.journal is not None else None
+
+    def _picture_to_encode(self, item: dict) -> str | None:
+        """The item's picture as the encoder reads it (base64): inline in an older journal, or its stored file."""
+        if item.get("image_base64") is not None or not item.get("image_file"):
+            return item.get("image_base64")
+        path = self._picture_path(item["image_file"])
+        if path is None:
+            log.warning("a journaled item's picture file is missing; it is encoded without its picture")
+            return None
+        return base64.b64encode(path.read_bytes()).decode("ascii")
 
     def withdraw_item(self, item_id) -> dict:
         """The item is no longer recommended (nor ranked, nor similar to anything); histories may still name it."""
@@ -179,7 +204,7 @@ class RecommenderService:
             if canonical not in artifacts.user_row:
                 raise RequestError(404, f"unknown user id {user_id}", unknown_user_id=user_id)
             self._journal({"op": "forget_user", "user_id": user_id})
-            _forget(artifacts, canonical)
+            forget(artifacts, canonical)
         log.info("forgot user %s", hashed_id(user_id))
         return {"forgotten": True, "forgotten_users": len(artifacts.forgotten)}
 
@@ -202,20 +227,20 @@ class RecommenderService:
                     encoded = stored_encoding(entry.get("encoded"), model, artifacts)
                     counts["reused"] += encoded is not None
                     if encoded is None:
-                        encoded = encoder.encode(item.get("text"), item.get("image_base64"),
+                        encoded = encoder.encode(item.get("text"), self._picture_to_encode(item),
                                                  item.get("attributes") or {})
                     pending.append((item, *encoded))
                     pending_ids.add(str(item["item_id"]))
                     if len(pending) >= REPLAY_BATCH:
-                        counts["added"] += _insert_many(artifacts, pending)
+                        counts["added"] += insert_many(artifacts, pending, self._picture_path)
                         pending, pending_ids = [], set()
                     continue
-                counts["added"] += _insert_many(artifacts, pending)  # in order: later ops may name them
+                counts["added"] += insert_many(artifacts, pending, self._picture_path)  # later ops may name them
                 pending, pending_ids = [], set()
                 if op == "forget_user":
                     canonical = user_in(artifacts.shop_ids, entry["user_id"])
                     if canonical in artifacts.user_row:
-                        _forget(artifacts, canonical)
+                        forget(artifacts, canonical)
                 elif op == "withdraw":
                     row = known_item_row(artifacts, entry["item_id"])  # unknown: a RequestError, skipped below
                     artifacts.withdrawn = artifacts.withdrawn | {row}
@@ -226,68 +251,9 @@ class RecommenderService:
                 # the op and the kind of error only: a forgotten user's id must not reach the logs
                 log.warning("journal entry %d (op %s) skipped: %s", counts["entries"], str(op)[:40],
                             type(error).__name__)
-        counts["added"] += _insert_many(artifacts, pending)
+        counts["added"] += insert_many(artifacts, pending, self._picture_path)
         self.replayed_entries = counts["entries"]
         if counts["added"] or counts["withdrawn"] or counts["skipped"]:
             log.info("journal %s replayed: %d items added (%d with their stored vectors), %d withdrawn, %d already "
                      "exported", self.journal.path, counts["added"], counts["reused"], counts["withdrawn"],
                      counts["skipped"])
-
-
-def _forget(artifacts: Artifacts, user_id: int) -> None:
-    """The user's row, history, profile codes and exported vector, overwritten and unreachable."""
-    with artifacts.lock:
-        row = artifacts.user_row.pop(user_id)
-        lo, hi = artifacts.history_offsets.pop(user_id)
-        artifacts.parts["histories"]["items"][lo:hi] = -1
-        profiles = artifacts.parts["user_profiles"]
-        profiles.categorical[row] = 0
-        profiles.numeric[row] = 0
-        artifacts.user_vectors[row] = 0
-        artifacts.forgotten = artifacts.forgotten | {user_id}
-
-
-def _insert_many(artifacts: Artifacts, encoded: list[tuple[dict, np.ndarray, np.ndarray | None]]) -> int:
-    """Makes encoded items searchable, in one copy of each array; the caller holds the service's write lock;
-    returns how many. A shop id gets the next canonical id (the journal replays additions in order, so a
-    restart gives the same)."""
-    if not encoded:
-        return 0
-    ids = artifacts.shop_ids
-    next_id = int(artifacts.item_ids.max(initial=0)) + 1
-    rows, item_ids = [], []
-    for number, (item, _, _) in enumerate(encoded):
-        item_id = int(item["item_id"]) if ids is None else next_id + number
-        row = {"item_id": item_id, "title": str(item["title"]), "popularity": 0, "cold": True,
-               "has_image": item.get("image_base64") is not None,
-               "has_text": bool((item.get("text") or "").strip())}
-        if ids is not None:
-            row["source_id"] = str(item["item_id"])
-        row.update({k: v for k, v in (item.get("attributes") or {}).items()
-                    if k in artifacts.catalog.columns and k not in RESERVED})
-        rows.append(row)
-        item_ids.append(item_id)
-    new_ids = np.asarray(item_ids, dtype=np.int64)
-    vectors = np.stack([vector for _, vector, _ in encoded]).astype(np.float32)
-    with artifacts.lock:
-        artifacts.index.add(new_ids, vectors)
-        artifacts.item_vectors = np.concatenate([artifacts.item_vectors, vectors])
-        if artifacts.modality_parts is not None:
-            blank = np.zeros_like(artifacts.modality_parts[0])
-            extra = np.stack([parts if parts is not None else blank for _, _, parts in encoded])
-            artifacts.modality_parts = np.concatenate([artifacts.modality_parts, extra.astype(blank.dtype)])
-        columns = {c for row in rows for c in row}
-        addition = pd.DataFrame(rows).astype({c: artifacts.catalog[c].dtype for c in columns
-                                              if c in artifacts.catalog and c != "title"}, errors="ignore")
-        artifacts.catalog = pd.concat([artifacts.catalog, addition], ignore_index=True)
-        artifacts.titles = np.append(artifacts.titles, np.array([r["title"] for r in rows], dtype=object))
-        first = len(artifacts.item_ids)
-        artifacts.item_ids = np.append(artifacts.item_ids, new_ids)
-        for number, (item, _, _) in enumerate(encoded):
-            if item.get("image_base64"):
-                artifacts.uploaded_images[item_ids[number]] = item["image_base64"]
-            if ids is not None:
-                ids.item_source[item_ids[number]] = rows[number]["source_id"]
-                ids.item_canonical[rows[number]["source_id"]] = item_ids[number]
-            artifacts.item_row[item_ids[number]] = first + number  # readers now see a whole item
-    return len(encoded)
