@@ -56,6 +56,19 @@ def _profile_codes(artifacts: Artifacts, profile: dict | None, base: dict | None
 
 
 @torch.no_grad()
+def continuation(stored: np.ndarray, session: np.ndarray) -> np.ndarray:
+    """The sent history as the continuation of the stored one: without its longest prefix that repeats the
+    stored history's end, so that a client sending the user's recent items (or all of them) with `user_id` has
+    each read once."""
+    if not len(stored) or not len(session):
+        return session
+    for start in np.flatnonzero(stored == session[0]):  # earliest first: the longest overlap
+        overlap = len(stored) - start
+        if overlap <= len(session) and np.array_equal(stored[start:], session[:overlap]):
+            return session[overlap:]
+    return session
+
+
 def build_query(artifacts: Artifacts, user_id: int | None, history: list[int] | None, profile: dict | None,
                 hour: int | None) -> Query:
     parts = artifacts.parts
@@ -68,6 +81,7 @@ def build_query(artifacts: Artifacts, user_id: int | None, history: list[int] | 
             raise RequestError(404, f"unknown user id {user_id}", unknown_user_id=user_id)
         row = artifacts.user_row[user_id]
         stored_rows, _ = artifacts.rows(artifacts.user_history(user_id))
+        session_rows = continuation(stored_rows, session_rows)
         if not history and not profile and hour is None:  # the exported vector is exactly this query
             return Query(artifacts.user_vectors[row], stored_rows, "history" if len(stored_rows) else "profile")
         base_profile = parts["user_profiles"](torch.tensor([row]))
