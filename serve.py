@@ -11,13 +11,14 @@ from pathlib import Path
 import hydra
 import torch
 import uvicorn
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from multimodal_rec.config import CONF_DIR
 from multimodal_rec.embeddings import EmbeddingsError
 from multimodal_rec.serving import access_log
 from multimodal_rec.serving.app import create_app
 from multimodal_rec.serving.auth import load_tokens
+from multimodal_rec.serving.live import LiveSettings
 from multimodal_rec.serving.service import RecommenderService
 
 
@@ -29,8 +30,11 @@ def main(cfg: DictConfig) -> None:
         log_key = access_log.load_key(cfg.log_key_env, cfg.log_key_file)
         root = Path(cfg.artifacts_root or Path(cfg.artifacts).resolve().parent)
         journal = cfg.journal or root / "journal.jsonl"
-        service = RecommenderService(cfg.artifacts, cfg.index_name, artifacts_root=root, journal=journal)
-    except (EmbeddingsError, OSError, ValueError) as error:  # a bad folder or token file: one clear line
+        events = cfg.events or root / "events.sqlite"
+        live = LiveSettings(**OmegaConf.to_container(cfg.live, resolve=True))
+        service = RecommenderService(cfg.artifacts, cfg.index_name, artifacts_root=root, journal=journal,
+                                     events=events, live=live, event_weights=cfg.event_weights)
+    except (EmbeddingsError, OSError, ValueError, TypeError) as error:  # a bad folder, token file or setting
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     writes = "enabled" if tokens.write else "disabled (no write token configured)"

@@ -167,3 +167,20 @@ def assert_index_returns_the_top_k(index_dir: Path, artifacts: Path, scores, dat
     assert clear.mean() > 0.8
     item_ids = datamodule.dataset.items["item_id"].to_numpy()
     assert np.array_equal(found[clear], item_ids[expected[clear]])
+
+
+@pytest.fixture()
+def tiny_disk(tmp_path, request):
+    """A real small filesystem (tmpfs; needs root, as CI has) of 64 KiB or the size given by indirect
+    parametrisation, unmounted afterwards."""
+    import subprocess
+
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    size = getattr(request, "param", "64k")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()[:100]}); the injected-fault tests "
+                    "above cover the same path")
+    yield folder
+    subprocess.run(["umount", "--lazy", str(folder)], check=True)  # lazy: a file a test left open does not fail it

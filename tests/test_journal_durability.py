@@ -132,21 +132,6 @@ def test_a_replay_does_not_log_the_ids_of_users_it_cannot_apply(root, caplog):
     assert "skipped" in caplog.text and "shopper-4242" not in caplog.text
 
 
-@pytest.fixture()
-def tiny_disk(tmp_path):
-    """A real 64 KiB filesystem (tmpfs; needs root, as CI has), unmounted afterwards."""
-    import subprocess
-
-    folder = tmp_path / "disk"
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()[:100]}); the injected-fault tests "
-                    "above cover the same path")
-    yield folder
-    subprocess.run(["umount", str(folder)], check=True)
-
-
 def test_a_real_disk_filling_mid_append_keeps_every_acknowledged_entry(tiny_disk):
     journal = Journal(tiny_disk / "journal.jsonl")
     journal.append({"op": "withdraw", "item_id": 1})

@@ -24,11 +24,13 @@ from multimodal_rec.serving.schemas import (
     MAX_K,
     MAX_SHOP_ID,
     ErrorBody,
+    EventBatch,
     NewItem,
     RankRequest,
     RecommendRequest,
     RecommendResponse,
     ReloadRequest,
+    epoch_seconds,
 )
 from multimodal_rec.serving.service import RecommenderService
 from multimodal_rec.serving.shop_ids import path_id
@@ -109,7 +111,8 @@ def create_app(service: RecommenderService, max_body_bytes: int = 10 * 1024 * 10
     @app.post("/recommend", response_model=None, responses={**ANSWER, **QUERY_ERRORS}, dependencies=reads)
     async def recommend(body: RecommendRequest):
         filters = {k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in (body.filters or {}).items()}
-        return JSONResponse(service.recommend(*query_args(body), body.k, filters, body.exclude_seen))
+        at = epoch_seconds(body.context.time, time.time()) if body.context else None
+        return JSONResponse(service.recommend(*query_args(body), body.k, filters, body.exclude_seen, at))
 
     @app.post("/rank", response_model=None, responses={**ANSWER, **QUERY_ERRORS}, dependencies=reads)
     async def rank(body: RankRequest):
@@ -119,6 +122,16 @@ def create_app(service: RecommenderService, max_body_bytes: int = 10 * 1024 * 10
              responses={**ANSWER, **errors(*guarded_reads, 404, 410, 422, *busy)})
     async def similar(item_id: str = path_id_param(), k: int = Query(10, ge=1, le=MAX_K)):
         return JSONResponse(service.similar(path_id(service.artifacts.shop_ids, item_id, "item"), k))
+
+    @app.post("/events", dependencies=writes, responses=errors(400, 401, 403, 404, 413, 422, 503))
+    def post_events(body: EventBatch):
+        """The shop's events (views, purchases...), committed before the answer and used at once: histories
+        grow, a new customer is known from their first event, items' online counts move (trending, new
+        arrivals). A retried `event_id` is stored once."""
+        now = time.time()
+        events = [{"user_id": e.user_id, "item_id": e.item_id, "event": e.event, "event_id": e.event_id,
+                   "time": epoch_seconds(e.time, now)} for e in body.events]
+        return service.post_events(events)
 
     @app.post("/items", status_code=201, dependencies=writes, responses=errors(400, 401, 403, 409, 413, 422, 503))
     def add_item(body: NewItem):

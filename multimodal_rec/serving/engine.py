@@ -18,8 +18,10 @@ from multimodal_rec.serving.artifacts import Artifacts
 from multimodal_rec.serving.catalog_api import attributes_of
 from multimodal_rec.serving.errors import RequestError
 from multimodal_rec.serving.filters import filter_mask
+from multimodal_rec.serving.live import LiveState, blended, trending_rows
 
 MAX_FETCH = 4096  # FAISS candidates fetched before falling back to scoring the filtered catalogue exactly
+BLEND_POOL = 100  # candidates the online signals re-order (the model's best, + the items picked up most now)
 
 
 @dataclass
@@ -69,6 +71,7 @@ def continuation(stored: np.ndarray, session: np.ndarray) -> np.ndarray:
     return session
 
 
+@torch.no_grad()
 def build_query(artifacts: Artifacts, user_id: int | None, history: list[int] | None, profile: dict | None,
                 hour: int | None) -> Query:
     parts = artifacts.parts
@@ -195,20 +198,47 @@ def _informative_parts(catalog: pd.DataFrame, names: list[str], anchors: np.ndar
     return np.stack([both.get(name, np.ones(len(rows), dtype=bool)) for name in names], axis=1)
 
 
-def recommend(artifacts: Artifacts, query: Query, k: int, filters: dict | None, exclude_seen: bool) -> dict:
+def recommend(artifacts: Artifacts, query: Query, k: int, filters: dict | None, exclude_seen: bool,
+              live: LiveState | None = None, time: float = 0.0) -> dict:
+    """The top k; with `live`, its online counts at `time` lift trending items and new arrivals being picked up
+    (live.py), and feed the popularity fallback."""
     allowed = filter_mask(artifacts.catalog, filters) if filters else None
     excluded = (set(query.history_rows.tolist()) if exclude_seen else set()) | artifacts.withdrawn
+    n = len(artifacts.item_ids)
     if query.strategy == "popularity":
-        popularity = artifacts.catalog["popularity"].to_numpy(np.float64)
+        popularity = np.log1p(artifacts.catalog["popularity"].to_numpy(np.float64))
+        if live is not None and live.events:  # trending: what is picked up now, over what was popular before
+            popularity = popularity + (1 + live.settings.trending_weight) * np.log1p(live.decayed_counts(n, time))
         candidates = np.flatnonzero(allowed) if allowed is not None else np.arange(len(popularity))
         candidates = candidates[~np.isin(candidates, list(artifacts.withdrawn))]
         order = candidates[np.argsort(-popularity[candidates], kind="stable")][:k]
         return _answer(artifacts, query, order, popularity[order], popularity[order])
-    want = max(k, int(artifacts.parts["rerank_top"]))
+    blends = live is not None and live.settings.blends and live.events > 0
+    want = max(k, int(artifacts.parts["rerank_top"]), BLEND_POOL if blends else 0)
     rows, retrieval = _retrieve(artifacts, query, want, allowed, excluded)
+    if blends:  # the items picked up most now join the model's candidates
+        extra = trending_rows(live, n, time, live.settings.candidates, allowed, excluded)
+        rows = np.concatenate([rows, extra[~np.isin(extra, rows)]])
+        retrieval = (artifacts.item_vectors[rows] @ query.vector).astype(np.float32)
     scores = rerank(artifacts, query, rows, retrieval)
+    if blends:
+        scores = blended(live, artifacts.catalog["cold"].to_numpy(bool), rows, scores, time)
     order = np.argsort(-scores, kind="stable")[:k]
-    return _answer(artifacts, query, rows[order], scores[order], retrieval[order])
+    answer = _answer(artifacts, query, rows[order], scores[order], retrieval[order])
+    if live is not None and live.events:
+        _say_picked_up(artifacts, live, rows[order], answer["items"])
+    return answer
+
+
+def _say_picked_up(artifacts: Artifacts, live: LiveState, rows: np.ndarray, items: list[dict]) -> None:
+    """A new arrival (never trained on) that shoppers are picking up says so in its reason."""
+    cold = artifacts.catalog["cold"].to_numpy(bool)
+    for row, item in zip(rows.tolist(), items):
+        shoppers = live.picked_by(row) if cold[row] else 0
+        if shoppers:
+            item["reason"] = {**item["reason"], "kind": "new_arrival",
+                              "text": f"new, and picked up by {shoppers} shopper{'s' if shoppers > 1 else ''} "
+                                      f"recently; {item['reason']['text']}"}
 
 
 def rank(artifacts: Artifacts, query: Query, item_ids: list[int]) -> dict:

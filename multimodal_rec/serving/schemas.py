@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+from datetime import datetime, timezone
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from multimodal_rec.serving.errors import RequestError
 
 # strict: no coercion (true is not the id 1, "5" is not 5); JSON's NaN / Infinity (Python reads them): 422
 STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
@@ -14,6 +17,8 @@ MAX_K = 1000
 MAX_RANK_ITEMS = 1000
 MAX_ID = 2**63 - 1  # ids are int64 in the index and the tables
 MAX_SHOP_ID = 200
+MAX_EVENTS = 1000  # a POST /events batch
+MAX_EPOCH = 10**11  # epoch seconds: far beyond any shop's events, well inside a float's exact integers
 MAX_DEPTH = 8  # the deepest a request nests: {"filters": {"price": {"min": 1}}} is 3
 MAX_NUMBER = 2**64  # ints at or beyond it fit no column (float() of 10**400 even raises OverflowError)
 MAX_ATTRIBUTES = 100
@@ -94,8 +99,45 @@ Filter = Range | bool | str | int | float | list[bool | str | int]
 Scalar = bool | str | int | float
 
 
+# a time: ISO 8601 ("2026-12-07T10:00:00Z"; no zone means UTC) or epoch seconds
+When = Annotated[str, Field(min_length=4, max_length=40)] | Annotated[float, Field(ge=0, le=MAX_EPOCH)]
+
+
+def epoch_seconds(when: str | float | None, default: float) -> float:
+    """A request's time as epoch seconds (a 422 for a string that is not ISO 8601)."""
+    if when is None:
+        return default
+    if isinstance(when, (int, float)):
+        return float(when)
+    try:
+        parsed = datetime.fromisoformat(when.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError as error:
+        raise RequestError(422, f"time {when[:40]!r} is not ISO 8601 (e.g. 2026-12-07T10:00:00Z) nor epoch "
+                           "seconds") from error
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    seconds = parsed.timestamp()
+    if not 0 <= seconds <= MAX_EPOCH:
+        raise RequestError(422, f"time {when[:40]!r} is out of range")
+    return seconds
+
+
 class Context(Body):
     hour: int | None = Field(None, ge=0, le=23, description="hour of day (UTC) of the request")
+    time: When | None = Field(None, description="the request's time (ISO 8601 or epoch seconds; default now): "
+                                                "the online counts decay in event time, so a replay runs as it did")
+
+
+class EventIn(Body):
+    user_id: Id = Field(..., description="the shop's customer id; a new one is known from this event on")
+    item_id: Id
+    event: str = Field("event", min_length=1, max_length=50, description="e.g. view, cart, purchase")
+    time: When | None = Field(None, description="when it happened (ISO 8601 or epoch seconds); default now")
+    event_id: str | None = Field(None, min_length=1, max_length=200, description="makes a retry idempotent")
+
+
+class EventBatch(Body):
+    events: list[EventIn] = Field(..., min_length=1, max_length=MAX_EVENTS)
 
 
 class QueryFields(Body):

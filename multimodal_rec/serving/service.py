@@ -13,7 +13,9 @@ from multimodal_rec.serving import engine
 from multimodal_rec.serving.access_log import hashed_id
 from multimodal_rec.serving.artifacts import Artifacts, load_artifacts
 from multimodal_rec.serving.errors import RequestError
+from multimodal_rec.serving.event_store import Event, EventStore, EventStoreError
 from multimodal_rec.serving.journal import Journal, JournalError
+from multimodal_rec.serving.live import LiveSettings, LiveState
 from multimodal_rec.serving.live_catalog import forget, insert_many
 from multimodal_rec.serving.new_items import NewItemEncoder, normalized_image
 from multimodal_rec.serving.shop_ids import answer_out, items_in, known_item_row, known_user, user_in
@@ -28,10 +30,17 @@ class RecommenderService:
     journal: where items added or withdrawn through the API are kept (None: in memory only)."""
 
     def __init__(self, artifacts_dir: str | Path, index_name: str | None = None,
-                 artifacts_root: str | Path | None = None, journal: str | Path | None = None):
+                 artifacts_root: str | Path | None = None, journal: str | Path | None = None,
+                 events: str | Path | None = None, live: LiveSettings | None = None,
+                 event_weights: dict | None = None):
         self.index_name = index_name
         self.root = Path(artifacts_root or Path(artifacts_dir).resolve().parent).resolve()
         self.journal = Journal(journal) if journal else None
+        self.events = EventStore(events) if events else None
+        self.live_settings = live or LiveSettings()
+        self.event_weights = dict(event_weights or {})  # event name -> weight; empty: every event weighs 1
+        self.live = LiveState(self.live_settings)
+        self._events_lock = threading.Lock()  # the store and the live state take a batch in the same order
         self._state: tuple[Artifacts, NewItemEncoder] | None = None
         self._write_lock = threading.RLock()  # one write at a time: reloads, additions, withdrawals
         self.loaded_at = 0.0
@@ -68,7 +77,8 @@ class RecommenderService:
             encoder = NewItemEncoder(artifacts.parts)
             if self.journal is not None:
                 self._replay(artifacts, encoder)
-            self._state = (artifacts, encoder)
+            live = self._live_from_store(artifacts)
+            self._state, self.live = (artifacts, encoder), live
             self.loaded_at = time.time()
         return self.describe()
 
@@ -106,13 +116,70 @@ class RecommenderService:
 
     # ---- requests: ids as the client sends them (the shop's own, see shop_ids.py), answers alike --------
     def _query(self, artifacts: Artifacts, user_id, history, profile, hour) -> engine.Query:
-        session = items_in(artifacts.shop_ids, history, "unknown item ids in history") if history else history
-        return engine.build_query(artifacts, known_user(artifacts, user_id), session, profile, hour)
+        """A user's stored history, + their live events since the export, + the session sent. A user the export
+        does not hold is known from their first live event."""
+        session = items_in(artifacts.shop_ids, history, "unknown item ids in history") if history else []
+        live = [i for i in self.live.history(str(user_id)) if i in artifacts.item_row] if user_id is not None else []
+        try:
+            canonical = known_user(artifacts, user_id)
+        except RequestError:
+            if not live:
+                raise
+            canonical = None  # a new customer: their events are their history
+        combined = live + list(session)
+        return engine.build_query(artifacts, canonical, combined or None, profile, hour)
 
-    def recommend(self, user_id, history, profile, hour, k, filters, exclude_seen) -> dict:
-        artifacts = self.artifacts
+    def recommend(self, user_id, history, profile, hour, k, filters, exclude_seen, at: float | None = None) -> dict:
+        artifacts, live = self.artifacts, self.live
         query = self._query(artifacts, user_id, history, profile, hour)
-        return answer_out(artifacts.shop_ids, engine.recommend(artifacts, query, k, filters, exclude_seen))
+        answer = engine.recommend(artifacts, query, k, filters, exclude_seen, live, time.time() if at is None else at)
+        return answer_out(artifacts.shop_ids, answer)
+
+    # ---- live events -------------------------------------------------------------------------------------
+    def post_events(self, events: list[dict]) -> dict:
+        """Stores a batch of the shop's events (committed before the answer) and applies them at once: the
+        users' histories grow, the items' online counts too. Unknown items: 404 naming them, nothing stored."""
+        if self.events is None:
+            raise RequestError(503, "no event store is configured (serve.yaml events)")
+        if self.events.unavailable:
+            raise RequestError(503, f"events are unavailable: {self.events.unavailable}", headers={"Retry-After": "60"})
+        artifacts, now = self.artifacts, time.time()
+        items = items_in(artifacts.shop_ids, [e["item_id"] for e in events], "unknown item ids in events")
+        unknown = [e["item_id"] for e, i in zip(events, items) if i not in artifacts.item_row]
+        if unknown:
+            raise RequestError(404, f"unknown item ids in events: {unknown[:20]}", unknown_item_ids=unknown)
+        if self.event_weights:
+            names = sorted({e["event"] for e in events} - set(self.event_weights))
+            if names:
+                raise RequestError(422, f"unknown event names {names[:10]}; this shop's events: "
+                                   f"{sorted(self.event_weights)}")
+        stored = [Event(str(e["user_id"]), int(i), e["event"], float(self.event_weights.get(e["event"], 1.0)),
+                        e["time"] if e["time"] is not None else now, e.get("event_id")) for e, i in zip(events, items)]
+        with self._events_lock:
+            try:
+                new = self.events.add(stored, now)
+            except EventStoreError as error:
+                raise RequestError(503, f"events are unavailable: {error}", headers={"Retry-After": "60"}) from error
+            live = self.live
+            for event, fresh in zip(stored, new):
+                row = artifacts.item_row.get(event.item_id)
+                if fresh and row is not None:
+                    live.record(event.user_id, event.item_id, row, event.weight, event.time)
+        return {"stored": sum(new), "duplicates": len(new) - sum(new)}
+
+    def _live_from_store(self, artifacts: Artifacts) -> LiveState:
+        """The live state of freshly loaded artifacts: every stored event after the export's data."""
+        live = LiveState(self.live_settings)
+        if self.events is None:
+            return live
+        until = float(artifacts.manifest.get("events_until", float("-inf")))
+        for event in self.events.events(after=until):
+            row = artifacts.item_row.get(event.item_id)
+            if row is not None:
+                live.record(event.user_id, event.item_id, row, event.weight, event.time)
+        if live.events:
+            log.info("%d live events since the export applied from %s", live.events, self.events.path)
+        return live
 
     def rank(self, user_id, history, profile, hour, items) -> dict:
         artifacts = self.artifacts
@@ -198,15 +265,36 @@ class RecommenderService:
         restart or a reload keeps them gone (`python -m multimodal_rec.data.forget` removes them from the data)."""
         with self._write_lock:
             artifacts = self.artifacts
-            canonical = user_in(artifacts.shop_ids, user_id)
+            live_events = self._forget_events(user_id)  # their live events (and a live-only customer) go first
+            try:
+                canonical = user_in(artifacts.shop_ids, user_id)
+            except RequestError:
+                canonical = None
             if canonical in artifacts.forgotten:
                 return {"forgotten": True, "forgotten_users": len(artifacts.forgotten)}
             if canonical not in artifacts.user_row:
+                if live_events:
+                    log.info("forgot user %s (%d live events)", hashed_id(user_id), live_events)
+                    return {"forgotten": True, "forgotten_users": len(artifacts.forgotten)}
                 raise RequestError(404, f"unknown user id {user_id}", unknown_user_id=user_id)
             self._journal({"op": "forget_user", "user_id": user_id})
             forget(artifacts, canonical)
         log.info("forgot user %s", hashed_id(user_id))
         return {"forgotten": True, "forgotten_users": len(artifacts.forgotten)}
+
+    def _forget_events(self, user_id) -> int:
+        """Deletes a person's live events from the store and the live state; returns how many there were."""
+        key = str(user_id)
+        had = len(self.live.history(key))
+        if self.events is not None and self.events.unavailable is None:
+            with self._events_lock:
+                try:
+                    had = max(had, self.events.delete_user(key))
+                except EventStoreError as error:
+                    raise RequestError(503, f"the user's events could not be deleted: {error}",
+                                       headers={"Retry-After": "60"}) from error
+                self.live.forget(key)
+        return had
 
     def _replay(self, artifacts: Artifacts, encoder: NewItemEncoder) -> None:
         """The journal's additions and withdrawals, applied in order to freshly loaded artifacts; an item the
