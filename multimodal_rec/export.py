@@ -224,6 +224,9 @@ def _finish(cfg: DictConfig, model, datamodule, manifest: dict) -> dict:
             manifest = {key: value for key, value in manifest.items() if key != "files"}
             emb.write_json_atomic(out / emb.MANIFEST_FILE, manifest)
         return manifest
+    # the time of the data's last event: a server replays only the live events after it (serving/live.py)
+    timestamps = datamodule.split.timestamps
+    manifest = {**manifest, "events_until": int(timestamps.max()) if len(timestamps) else None}
     write_serving_parts(model, datamodule, out, manifest)
     manifest = record_serving_files(out, manifest)
     if cfg.get("journal"):

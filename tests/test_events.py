@@ -184,3 +184,15 @@ def test_decay_is_in_event_time():
     live.record("u", 7, 0, 1.0, time=0.0)
     np.testing.assert_allclose(live.decayed_counts(1, 3600.0), [0.5])
     np.testing.assert_allclose(live.decayed_counts(1, 0.0), [1.0])
+
+
+def test_live_events_after_the_exported_data_survive_a_reload(root):
+    client, service = _client(root)
+    until = service.artifacts.manifest["events_until"]
+    assert isinstance(until, int)  # the export records its data's last event time
+    item = int(service.artifacts.item_ids[2])
+    assert _post(client, {"user_id": NEW_CUSTOMER, "item_id": item, "time": until + 60},
+                 {"user_id": NEW_CUSTOMER + 1, "item_id": item, "time": until - 60}).status_code == 200
+    assert client.post("/admin/reload", json={}, headers=HEADERS).status_code == 200
+    assert service.live.history(str(NEW_CUSTOMER)) == [item]  # replayed from the store
+    assert service.live.history(str(NEW_CUSTOMER + 1)) == []  # before the export's data: a retrain took it in

@@ -172,7 +172,8 @@ class RecommenderService:
         live = LiveState(self.live_settings)
         if self.events is None:
             return live
-        until = float(artifacts.manifest.get("events_until", float("-inf")))
+        until = artifacts.manifest.get("events_until")
+        until = float(until) if isinstance(until, (int, float)) else float("-inf")  # older exports: every event
         for event in self.events.events(after=until):
             row = artifacts.item_row.get(event.item_id)
             if row is not None:
