@@ -1,4 +1,4 @@
-"""Train the multimodal recommender.
+"""Train the multimodal recommender: the same as `mmrec train` (multimodal_rec/commands/train.py).
 
     python train.py                          # the synthetic shop, CPU or CUDA
     python train.py experiment=ml100k_mm     # MovieLens-100k with posters and plot lines
@@ -6,28 +6,7 @@
     python train.py ckpt_path=<run>/checkpoints/last.ckpt   # resume an interrupted run
 """
 
-import sys
-
-import hydra
-from omegaconf import DictConfig
-
-from multimodal_rec.config import CONF_DIR, ConfigError
-from multimodal_rec.data.schema import DatasetError
-from multimodal_rec.training import TrainingInterrupted, train
-
-
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    try:
-        result = train(cfg)
-    except (DatasetError, ConfigError) as error:  # unusable data or settings: one clear line, not a traceback
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except TrainingInterrupted as stopped:  # not a success: `train && export` must not go on
-        print(f"error: {stopped}", file=sys.stderr)
-        sys.exit(143)  # 128 + SIGTERM, as a shell reports a process the signal ended
-    return result["metrics"].get(cfg.get("optimized_metric"))  # the chosen checkpoint's figure, for sweeps
-
+from multimodal_rec.commands.train import main
 
 if __name__ == "__main__":
     main()

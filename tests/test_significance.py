@@ -1,4 +1,4 @@
-"""bench/significance.py: per-user scores as evaluation gives them, and paired differences with their noise."""
+"""evaluation/significance.py: per-user scores as evaluation gives them, and paired differences with their noise."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from bench.significance import compare, setting, user_ndcg
 from multimodal_rec.config import PROJECT_ROOT
+from multimodal_rec.evaluation.significance import SignificanceError, compare, setting, user_ndcg
 
 
 def runs(per_seed: dict[str, dict[str, list[float]]]) -> dict:
@@ -37,9 +37,9 @@ def test_paired_difference_averages_seeds_per_user_then_users():
 
 
 def test_without_shared_seeds_or_users_there_is_nothing_to_pair():
-    with pytest.raises(SystemExit, match="no seed"):
+    with pytest.raises(SignificanceError, match="no seed"):
         compare(runs({"0": {"val": [0.0], "test": [0.0]}}), runs({"1": {"val": [0.0], "test": [0.0]}}))
-    with pytest.raises(SystemExit, match="different val users"):
+    with pytest.raises(SignificanceError, match="different val users"):
         compare(runs({"0": {"val": [0.0], "test": [0.0]}}), runs({"0": {"val": [0.0, 1.0], "test": [0.0]}}))
 
 
@@ -51,9 +51,9 @@ def test_a_setting_is_a_folder_of_seeds_or_the_runs_named_by_a_prefix(tmp_path):
     sasrec = setting(f"{tmp_path}:sasrec")
     assert sorted(sasrec) == ["0", "1"] and sasrec["1"]["test"] == {3: 1.0}
     assert setting(f"{tmp_path}:bpr")["0"]["test"] == {3: 0.0}
-    with pytest.raises(SystemExit, match="two runs of one seed"):
+    with pytest.raises(SignificanceError, match="two runs of one seed"):
         setting(str(tmp_path))
-    with pytest.raises(SystemExit, match="no runs"):
+    with pytest.raises(SignificanceError, match="no runs"):
         setting(f"{tmp_path}:dnn")
 
 
@@ -71,9 +71,9 @@ def test_per_user_scores_average_to_the_runs_own_metrics(tmp_path):
         assert np.mean(list(scores[stage].values())) == pytest.approx(metrics[f"{stage}/ndcg@10"], abs=1e-6)
 
 
-def test_quality_bench_writes_each_baseline_runs_users(tmp_path):
+def test_evaluate_writes_each_baseline_runs_users(tmp_path):
     out = tmp_path / "bench"
-    command = [sys.executable, str(PROJECT_ROOT / "bench" / "quality.py"), "--data", "synthetic_tiny", "--models",
+    command = [sys.executable, "-m", "multimodal_rec.evaluate", "--data", "synthetic_tiny", "--models",
                "popularity", "--out", str(out), "--", f"data.processed_dir={tmp_path / 'data'}"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
