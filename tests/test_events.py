@@ -128,12 +128,12 @@ def test_the_popularity_fallback_follows_what_is_picked_up_now(root):
 @pytest.mark.parametrize("tiny_disk", ["1m"], indirect=True)
 def test_a_full_disk_answers_503_and_loses_nothing_acknowledged(tiny_disk):
     store = EventStore(tiny_disk / "events.sqlite")
-    kept = Event("1", 5, "view", 1.0, 100.0, "first")
+    kept = Event("1", 5, "5", "view", 1.0, 100.0, "first")
     assert store.add([kept], 1.0) == [True]
     filler = tiny_disk / "filler"
     with open(filler, "wb") as handle, contextlib.suppress(OSError):  # the disk is now full: that is the point
         handle.write(b"x" * 1024 * 1024)
-    batch = [Event(str(n), 5, "view", 1.0, 200.0 + n, None) for n in range(2000)]
+    batch = [Event(str(n), 5, "5", "view", 1.0, 200.0 + n, None) for n in range(2000)]
     with pytest.raises(EventStoreError, match="nothing of it was stored"):
         store.add(batch, 2.0)
     filler.unlink()

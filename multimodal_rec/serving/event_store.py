@@ -4,6 +4,7 @@ WAL mode with `synchronous=FULL`: a committed batch survives kill -9 and power l
 turns (one connection, one lock, `BEGIN IMMEDIATE`). An optional `event_id` is unique, so a retried batch
 is stored once. A disk that is full or read-only fails the transaction, which rolls back whole: the client gets
 503 with the reason and nothing of the batch was stored. `delete_user` removes a person's events (forgetting).
+A shop's next `prepare` reads the file as more interactions (`interactions.also` in conf/data/tabular.yaml).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ CREATE TABLE IF NOT EXISTS events (
     event_id TEXT UNIQUE,
     user_id TEXT NOT NULL,
     item_id INTEGER NOT NULL,
+    item_key TEXT NOT NULL,
     event TEXT NOT NULL,
     weight REAL NOT NULL,
     time REAL NOT NULL,
@@ -41,6 +43,7 @@ class EventStoreError(OSError):
 class Event:
     user_id: str  # as the shop sent it (a new customer is simply a new id)
     item_id: int  # the catalogue's canonical id
+    item_key: str  # the item id as the shop sent it: what a retrain reads (data/sources/tabular.py `also`)
     event: str
     weight: float
     time: float  # epoch seconds, the event's own time
@@ -74,9 +77,9 @@ class EventStore:
                 new = []
                 for e in events:
                     cursor = self._db.execute(
-                        "INSERT OR IGNORE INTO events (event_id, user_id, item_id, event, weight, time, received) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (e.event_id, e.user_id, e.item_id, e.event, e.weight, e.time, received))
+                        "INSERT OR IGNORE INTO events (event_id, user_id, item_id, item_key, event, weight, time, "
+                        "received) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (e.event_id, e.user_id, e.item_id, e.item_key, e.event, e.weight, e.time, received))
                     new.append(cursor.rowcount == 1)
                 self._db.execute("COMMIT")
             except sqlite3.Error as error:
@@ -91,10 +94,10 @@ class EventStore:
         if self._db is None:
             return
         with self._lock:
-            rows = self._db.execute("SELECT user_id, item_id, event, weight, time, event_id FROM events "
+            rows = self._db.execute("SELECT user_id, item_id, item_key, event, weight, time, event_id FROM events "
                                     "WHERE time > ? ORDER BY time, seq", (after,)).fetchall()
-        for user_id, item_id, event, weight, time, event_id in rows:
-            yield Event(user_id, int(item_id), event, float(weight), float(time), event_id)
+        for user_id, item_id, item_key, event, weight, time, event_id in rows:
+            yield Event(user_id, int(item_id), item_key, event, float(weight), float(time), event_id)
 
     def delete_user(self, user_id: str) -> int:
         """Removes a person's events; returns how many."""

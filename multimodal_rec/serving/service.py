@@ -153,8 +153,9 @@ class RecommenderService:
             if names:
                 raise RequestError(422, f"unknown event names {names[:10]}; this shop's events: "
                                    f"{sorted(self.event_weights)}")
-        stored = [Event(str(e["user_id"]), int(i), e["event"], float(self.event_weights.get(e["event"], 1.0)),
-                        e["time"] if e["time"] is not None else now, e.get("event_id")) for e, i in zip(events, items)]
+        stored = [Event(str(e["user_id"]), int(i), str(e["item_id"]), e["event"],
+                        float(self.event_weights.get(e["event"], 1.0)), e["time"] if e["time"] is not None else now,
+                        e.get("event_id")) for e, i in zip(events, items)]
         with self._events_lock:
             try:
                 new = self.events.add(stored, now)

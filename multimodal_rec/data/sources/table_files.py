@@ -13,6 +13,7 @@ import csv
 import gzip
 import io
 import json
+import sqlite3
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,8 +24,8 @@ from tqdm.auto import tqdm
 
 from multimodal_rec.data.schema import DataIssues, DatasetError
 
-FORMATS = ("csv", "tsv", "parquet", "jsonl")
-SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".parquet": "parquet", ".pq": "parquet",
+FORMATS = ("csv", "tsv", "parquet", "jsonl", "sqlite")
+SUFFIXES = {".sqlite": "sqlite", ".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".parquet": "parquet", ".pq": "parquet",
             ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}
 LINE = "_line"
 
@@ -65,10 +66,29 @@ def read_chunks(path: Path, columns: list[str], issues: DataIssues, fmt: str | N
     columns = list(dict.fromkeys(columns))
     if fmt == "parquet":
         yield from _parquet_chunks(path, columns, chunk_rows)
+    elif fmt == "sqlite":
+        yield from _sqlite_chunks(path, columns, chunk_rows)
     elif fmt == "jsonl":
         yield from _jsonl_chunks(path, columns, issues, chunk_rows, what)
     else:
         yield from _csv_chunks(path, columns, issues, chunk_rows, "\t" if fmt == "tsv" else ",", what)
+
+
+def _sqlite_chunks(path: Path, columns: list[str], chunk_rows: int) -> Iterator[pd.DataFrame]:
+    """The `events` table of a server's event store (serving/event_store.py), read-only, in arrival order."""
+    with sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True) as db:
+        try:
+            present = [row[1] for row in db.execute("PRAGMA table_info(events)")]
+        except sqlite3.DatabaseError as error:
+            raise DatasetError(f"{path} is not an event store ({error})") from error
+        if not present:
+            raise DatasetError(f"{path} has no table 'events': not an event store written by serve.py")
+        _missing(path, columns, present)
+        selected = ", ".join(f'"{c}"' for c in columns)
+        cursor = db.execute(f"SELECT {selected}, seq FROM events ORDER BY seq")  # names checked against the table
+        while rows := cursor.fetchmany(chunk_rows):
+            frame = pd.DataFrame(rows, columns=[*columns, LINE])
+            yield frame.astype({c: object for c in columns})
 
 
 def _progress(path: Path, what: str) -> tqdm:

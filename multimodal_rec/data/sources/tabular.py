@@ -145,6 +145,10 @@ def read_users(spec: dict, attributes: tuple, issues: DataIssues, chunk_rows: in
     return _first_of_each(users, path.name, "duplicate_user", issues), path
 
 
+# the columns of a server's event store (serving/event_store.py) in the roles the reader knows
+STORE_COLUMNS = {"user_id": "user_id", "item_id": "item_key", "timestamp": "time", "event": "event"}
+
+
 class _EventReader:
     """Interactions, chunk by chunk, as arrays of item rows, user rows, seconds, weights and events."""
 
@@ -169,16 +173,24 @@ class _EventReader:
         self.seen: Counter = Counter()  # every event of the file, read or not: to check the names configured
 
     def read(self, spec: dict, chunk_rows: int) -> tuple[pd.DataFrame, Path]:
+        """The events of the file, then of each event store in `also` (a server's events.sqlite: the events
+        posted to POST /events since, in the shop's own ids)."""
         path = resolve_path(spec.get("path") or _required({}, "path", "interactions"))
-        roles = [r for r in ("user_id", "item_id", "timestamp", "event", "rating") if self.columns.get(r)]
-        for chunk in read_chunks(path, [self.columns[r] for r in roles], self.issues, spec.get("format"),
-                                 chunk_rows, "interactions"):
-            self.parts.append(self._chunk(chunk.rename(columns={self.columns[r]: r for r in roles}), path.name))
+        self._read_file(path, self.columns, spec.get("format"), self.unit, chunk_rows)
+        self.stores = [resolve_path(store) for store in spec.get("also") or []]
+        store_columns = {r: c for r, c in STORE_COLUMNS.items() if r != "event" or self.columns.get("event")}
+        for store in self.stores:
+            self._read_file(store, store_columns, "sqlite", "s", chunk_rows)
         self._check_names(path.name)
         empty = pd.DataFrame({c: pd.Series(dtype=t) for c, t in
                               [("user", "int32"), ("item", "int32"), ("timestamp", "int64"), ("value", "float32"),
                                ("event", "int16"), (LINE, "int32")]})
         return (pd.concat(self.parts, ignore_index=True) if self.parts else empty), path
+
+    def _read_file(self, path: Path, columns: dict, fmt: str | None, unit: str, chunk_rows: int) -> None:
+        roles = [r for r in ("user_id", "item_id", "timestamp", "event", "rating") if columns.get(r)]
+        for chunk in read_chunks(path, [columns[r] for r in roles], self.issues, fmt, chunk_rows, "interactions"):
+            self.parts.append(self._chunk(chunk.rename(columns={columns[r]: r for r in roles}), path.name, unit))
 
     def _check_names(self, name: str) -> None:
         """A configured event that the file lacks (a typo, another shop's name) reads nothing: say so."""
@@ -198,9 +210,9 @@ class _EventReader:
         self.issues.add_many(kind, len(bad), (f"{name}:{row[LINE]}: {detail(row)}" for _, row in bad.iterrows()))
         return frame.loc[~mask]
 
-    def _chunk(self, chunk: pd.DataFrame, name: str) -> pd.DataFrame:
+    def _chunk(self, chunk: pd.DataFrame, name: str, unit: str) -> pd.DataFrame:
         chunk = chunk.assign(user_key=id_keys(chunk["user_id"]), item_key=id_keys(chunk["item_id"]),
-                             seconds=epoch_seconds(chunk["timestamp"], self.unit))
+                             seconds=epoch_seconds(chunk["timestamp"], unit))
         chunk = self._bad(chunk, chunk["user_key"].isna() | chunk["item_key"].isna(), "malformed_row", name,
                           lambda r: "no user or item id")
         chunk = self._bad(chunk, np.isnan(chunk["seconds"].to_numpy(float)), "malformed_row", name,
@@ -301,6 +313,8 @@ def read_tabular(name: str, items, interactions, users=None, folder: str | None 
             except DatasetError as error:
                 where = f"data.source.folder={folder}" if folder else "the working directory (data.source.folder unset)"
                 raise DatasetError(f"{error} (relative paths are read from {where})") from error
+    if events_spec.get("also"):
+        events_spec["also"] = [str(resolve_path(base / store)) for store in events_spec["also"]]
     image_root = base / image_root if image_root else None  # null: the paths are relative to folder
     issues = DataIssues()
     item_attrs = _attribute_settings(items_spec, "items")
@@ -345,6 +359,8 @@ def read_tabular(name: str, items, interactions, users=None, folder: str | None 
     item_table["image"] = None  # write_dataset fills it for the images that decode
     inputs = {f"items:{items_path.name}": sha256_file(items_path),
               f"interactions:{events_path.name}": sha256_file(events_path)}
+    for store in reader.stores:
+        inputs[f"interactions:{store.name}"] = sha256_file(store)
     if users_path is not None:
         inputs[f"users:{users_path.name}"] = sha256_file(users_path)
     if image_files:
