@@ -94,6 +94,16 @@ def _train(cfg: DictConfig) -> dict:
     datamodule = hydra.utils.instantiate(cfg.data)
     model = hydra.utils.instantiate(cfg.model)(datamodule=datamodule)
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
+    if cfg.get("init_from"):  # fine-tune an earlier model on the data as it is now (models/warm_start.py)
+        if cfg.get("ckpt_path"):
+            raise ConfigError("init_from starts a new run from a model's weights, ckpt_path resumes a run: one or "
+                              "the other")
+        from multimodal_rec.models.loading import resolve_checkpoint
+        from multimodal_rec.models.warm_start import warm_start
+
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        warm_start(model, resolve_checkpoint(cfg.init_from), datamodule.dataset.items)
     callbacks = [hydra.utils.instantiate(c) for c in cfg.get("callbacks", {}).values()] + [ValidationFigures()]
     private = model.privacy is not None
     if private:  # choosing an epoch by validation would be a selection on user data the guarantee does not cover

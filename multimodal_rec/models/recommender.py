@@ -49,6 +49,12 @@ RERANK_OFFSET = 1e4  # puts re-ranked candidates above every retrieval-only scor
 FULL_SOFTMAX_MAX_ITEMS = 50_000
 
 
+def item_keys(items) -> list[str]:
+    """Each item row's lasting name: the shop's own id where the data has one, else the item id."""
+    column = items["source_id"] if "source_id" in items else items["item_id"]
+    return [str(key) for key in column]
+
+
 class MultimodalRecommender(pl.LightningModule):
     def __init__(self, bundle: EncoderBundle, item_tower: Callable, history_encoder: Callable,
                  ranker: Callable | None, optimizer: Callable, scheduler: Callable | None = None,
@@ -364,6 +370,9 @@ class MultimodalRecommender(pl.LightningModule):
             "normalised": self.hparams.score == "cosine",
             "world_size": self._trainer.world_size if self._trainer is not None else 1,
         }
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and getattr(datamodule, "dataset", None) is not None:  # for init_from (warm_start)
+            checkpoint["multimodal_rec"]["item_keys"] = item_keys(datamodule.dataset.items)
         if self.privacy is not None and self.privacy.noise_multiplier is not None:
             checkpoint["multimodal_rec"]["privacy"] = self.privacy.report()
             checkpoint["privacy_accountant"] = [list(entry) for entry in self.privacy.accountant.history]
