@@ -46,14 +46,13 @@ def build_bundle(datamodule: RecDataModule, modalities=MODALITIES, image_encoder
         raise ValueError(f"unknown modalities {unknown}; choose from {MODALITIES}")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if feature_device == "auto" else feature_device
     items, split = datamodule.item_features, datamodule.split
-    fingerprint = datamodule.dataset.content_fingerprint  # image/text features do not depend on attributes
     image_size = datamodule.image_size
     image = text = None
     image_module = text_module = None
     tower_sizes = {"modalities": tuple(modalities)}
     frozen: dict = {}
 
-    def encode(kind: str, factory: Callable | None, compute: Callable, **settings):
+    def encode(kind: str, factory: Callable | None, compute: Callable):
         """(frozen features or None, fine-tuned encoder or None) for one modality."""
         if factory is None:
             raise ValueError(f"the {kind} modality needs a {kind}_encoder config")
@@ -61,19 +60,16 @@ def build_bundle(datamodule: RecDataModule, modalities=MODALITIES, image_encoder
         if encoder.trainable:
             return None, encoder
         frozen[kind] = encoder.cpu().eval()
-        key = feature_cache.cache_key(kind, encoder, fingerprint, **settings)
-        features, hit = feature_cache.cached(cache_dir, key, lambda: compute(encoder))
-        log.info("%s features %s (%s)", kind, "from cache" if hit else "computed", key)
+        features = compute(encoder)  # per item content: new events or other data reuse the cached features
         tower_sizes[f"{kind}_dim"] = features["features"].shape[1]
         return features, None
 
     if "image" in modalities:
-        image, image_module = encode("image", image_encoder, size=image_size, compute=lambda encoder: (
-            feature_cache.image_features(encoder, items, image_size, device=device)))
+        image, image_module = encode("image", image_encoder, lambda encoder: feature_cache.cached_image_features(
+            encoder, items, image_size, cache_dir, device=device))
     if "text" in modalities:
-        tokens = feature_cache.tensors_digest({"ids": items.text_ids, "mask": items.text_mask})  # the texts as read
-        text, text_module = encode("text", text_encoder, max_len=items.text_ids.shape[1], tokens=tokens,
-                                   compute=lambda encoder: feature_cache.text_features(encoder, items, device=device))
+        text, text_module = encode("text", text_encoder, lambda encoder: feature_cache.cached_text_features(
+            encoder, items, cache_dir, device=device))
 
     train = split.train_interactions()
     popularity = torch.from_numpy(np.bincount(train["item"].to_numpy(), minlength=split.n_items))
