@@ -184,3 +184,22 @@ def tiny_disk(tmp_path, request):
                     "above cover the same path")
     yield folder
     subprocess.run(["umount", "--lazy", str(folder)], check=True)  # lazy: a file a test left open does not fail it
+
+
+class WritesAFile:
+    """A pickle payload: unpickling it calls open(path, "w"), i.e. runs code."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def copy_artifacts(tiny_artifacts: Path, tmp_path: Path) -> Path:
+    """A copy of the tiny export to craft (tests change files in it)."""
+    import shutil
+
+    folder = tmp_path / "artifacts"
+    shutil.copytree(tiny_artifacts, folder)
+    return folder

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -29,24 +28,12 @@ from multimodal_rec.serving.artifacts import ArtifactsError, load_artifacts
 from multimodal_rec.serving.catalog_api import image_source
 from multimodal_rec.serving.model_files import CONFIG_FILE, FORMAT, WEIGHTS_FILE
 from multimodal_rec.serving.parts import CATALOG_FILE, MODALITY_PARTS_FILE, SERVING_FILES, USERS_FILE
+from tests.conftest import WritesAFile
+from tests.conftest import copy_artifacts as _copy
 
 TEXT = "frozen_encoders.text"
 
 
-class WritesAFile:
-    """A pickle payload: unpickling it calls open(path, "w"), i.e. runs code."""
-
-    def __init__(self, path: Path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return open, (self.path, "w")
-
-
-def _copy(tiny_artifacts: Path, tmp_path: Path) -> Path:
-    folder = tmp_path / "artifacts"
-    shutil.copytree(tiny_artifacts, folder)
-    return folder
 
 
 def _rehash(folder: Path) -> None:

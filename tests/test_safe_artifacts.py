@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,22 +15,8 @@ from multimodal_rec.models.loading import CheckpointError, read_checkpoint
 from multimodal_rec.safe_modules import SpecError, build_module, module_spec
 from multimodal_rec.serving.artifacts import ArtifactsError, load_artifacts
 from multimodal_rec.serving.model_files import CONFIG_FILE, LEGACY_FILE, WEIGHTS_FILE
-
-
-class WritesAFile:
-    """A pickle payload: unpickling it calls open(path, "w"), i.e. runs code."""
-
-    def __init__(self, path: Path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return open, (self.path, "w")
-
-
-def _copy(tiny_artifacts: Path, tmp_path: Path) -> Path:
-    folder = tmp_path / "artifacts"
-    shutil.copytree(tiny_artifacts, folder)
-    return folder
+from tests.conftest import WritesAFile
+from tests.conftest import copy_artifacts as _copy
 
 
 def test_a_pickled_model_pt_is_refused_and_never_unpickled(tiny_artifacts, tmp_path):
