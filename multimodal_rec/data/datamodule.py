@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
@@ -20,6 +23,50 @@ from multimodal_rec.distributed import EvalShardSampler, file_lock, rank_and_wor
 
 log = logging.getLogger(__name__)
 STALE_SETTINGS = "prepared with other source settings"
+
+
+def cut_time_of(timestamps: np.ndarray, before_quantile: float | None = None,
+                before_time: int | float | None = None) -> int:
+    """T of a time cut, epoch seconds: `before_time` as given, or the time by which `before_quantile` of all
+    events had happened (the timestamp of the event at position floor(q * n) in time order, so at most q * n
+    events come before it; ties at T all fall after the cut)."""
+    if (before_quantile is None) == (before_time is None):
+        raise ValueError("a time cut takes one of before_quantile and before_time")
+    if before_time is not None:
+        return int(np.ceil(before_time))  # timestamps are whole seconds: t < ceil(T) exactly when t < T
+    if not 0.0 < before_quantile < 1.0:
+        raise ValueError(f"before_quantile must be in (0, 1), got {before_quantile}")
+    ordered = np.sort(np.asarray(timestamps, dtype=np.int64))
+    if not len(ordered):
+        raise ValueError("no interactions to cut")
+    return int(ordered[int(np.floor(before_quantile * len(ordered)))])
+
+
+def cut_before(data: CanonicalDataset, before_quantile: float | None = None,
+               before_time: int | float | None = None) -> tuple[CanonicalDataset, dict]:
+    """The dataset as it was at T (see `cut_time_of`): the interactions at or after T dropped, the users with no
+    earlier event dropped from the users table (the model never knows them), every item kept (those with no
+    earlier event are the new arrivals, cold for the model); and a record of the cut."""
+    timestamps = data.interactions["timestamp"].to_numpy(np.int64)
+    cut = cut_time_of(timestamps, before_quantile, before_time)
+    keep = timestamps < cut
+    if not keep.any():
+        raise ValueError(f"no interaction happened before the time cut {cut}")
+    interactions = data.interactions[keep].reset_index(drop=True)
+    users = data.users[data.users["user_id"].isin(pd.unique(interactions["user_id"]))].reset_index(drop=True)
+    record = {
+        "time": cut,
+        "iso": datetime.fromtimestamp(cut, timezone.utc).isoformat(),
+        "before_quantile": before_quantile,
+        "before_time": before_time,
+        "events_kept": int(keep.sum()),
+        "events_dropped": int((~keep).sum()),
+        "users_kept": len(users),
+        "users_dropped": len(data.users) - len(users),
+        "items_without_events": int((~data.items["item_id"].isin(interactions["item_id"])).sum()),
+    }
+    manifest = {**data.manifest, "time_cut": record}  # the base fingerprint stays; RecDataModule.fingerprint adds T
+    return CanonicalDataset(data.root, data.items, users, interactions, manifest), record
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -47,6 +94,8 @@ class RecDataModule(pl.LightningDataModule):
         window_stride: int | None = None,
         train_on_validation: bool = False,
         validation_gap: int = 0,
+        before_quantile: float | None = None,
+        before_time: int | float | None = None,
     ):
         super().__init__()
         self.name = name
@@ -55,6 +104,10 @@ class RecDataModule(pl.LightningDataModule):
         self.max_len, self.cold_item_fraction, self.seed = max_len, cold_item_fraction, seed
         self.window_stride, self.train_on_validation = window_stride, train_on_validation
         self.validation_gap = validation_gap
+        if before_quantile is not None and before_time is not None:
+            raise ValueError("set one of data.before_quantile and data.before_time, not both")
+        self.before_quantile, self.before_time = before_quantile, before_time
+        self.cut_time: dict | None = None  # after setup() with a time cut: T ("time", "iso") and what it dropped
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.user_level_sampling = False  # set by training with privacy=dp
         self.text_tokenizer, self.max_text_len, self.image_size = text_tokenizer, max_text_len, image_size
@@ -99,8 +152,17 @@ class RecDataModule(pl.LightningDataModule):
         if self.split is not None:
             return
         self.dataset = load_dataset(self.processed_dir)
+        if self.before_quantile is not None or self.before_time is not None:
+            self.dataset, self.cut_time = cut_before(self.dataset, self.before_quantile, self.before_time)
+            log.info("time cut at %s (%d): %d events before it kept, %d dropped; %d users without an earlier event "
+                     "dropped; %d items without one (new arrivals)", self.cut_time["iso"], self.cut_time["time"],
+                     self.cut_time["events_kept"], self.cut_time["events_dropped"], self.cut_time["users_dropped"],
+                     self.cut_time["items_without_events"])
         self.split = build_split(self.dataset, self.cold_item_fraction, self.seed, self.train_on_validation,
                                  self.validation_gap)
+        if self.cut_time:  # the new arrivals (no event before T) are never trained on: cold, for the export too
+            arrivals = np.setdiff1d(np.arange(self.split.n_items), self.split.items)
+            self.split = dataclasses.replace(self.split, cold_items=np.union1d(self.split.cold_items, arrivals))
         self.item_features = build_item_features(self.dataset, self.text_tokenizer, self.max_text_len)
         self.user_features = build_user_features(self.dataset)
         self.train_set = TrainWindows(self.split, self.max_len, self.window_stride)
@@ -117,6 +179,7 @@ class RecDataModule(pl.LightningDataModule):
         assert self.dataset is not None, "call setup() first"
         trained = "-trainval" if self.train_on_validation else ""  # a refit trained on other interactions
         trained += f"-gap{self.validation_gap}" if self.validation_gap else ""  # or on fewer
+        trained += f"-before{self.cut_time['time']}" if self.cut_time else ""  # the events before T only
         return f"{self.dataset.fingerprint}-cold{self.cold_item_fraction}-seed{self.seed}{trained}"
 
     def rank_and_world_size(self) -> tuple[int, int]:
