@@ -20,8 +20,8 @@ class LiveSettings:
     """How much the online signals weigh (conf/serve.yaml `live`; chosen on the replay's first half)."""
 
     half_life_hours: float = 24.0
-    trending_weight: float = 0.0  # + w * log(1 + decayed count) on every candidate's standardised score
-    new_arrival_weight: float = 0.0  # + w * log(1 + decayed count) on items the model never trained on
+    trending_weight: float = 0.1  # + w * log(1 + decayed count) on every candidate's standardised score
+    new_arrival_weight: float = 1.5  # + w * log(1 + decayed count) on items the model never trained on
     candidates: int = 20  # the most picked-up items now, added to the model's candidates when a weight is on
 
     @property
