@@ -52,11 +52,12 @@ class Event:
 
 class EventStore:
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.path = Path(path)  # ":memory:": SQLite's in-memory database (tests, a server without a file)
         self._lock = threading.Lock()
         self.unavailable: str | None = None
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if str(path) != ":memory:":
+                self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
