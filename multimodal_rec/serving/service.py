@@ -27,7 +27,8 @@ REPLAY_BATCH = 1024  # journaled additions inserted together on a replay
 
 class RecommenderService:
     """artifacts_root: the only folders a reload may name (default: the one holding `artifacts_dir`);
-    journal: where items added or withdrawn through the API are kept (None: in memory only)."""
+    journal: where items added or withdrawn through the API are kept (None: in memory only); events: the SQLite
+    file of POST /events (None: an in-memory database, gone with the process; serve.py always names a file)."""
 
     def __init__(self, artifacts_dir: str | Path, index_name: str | None = None,
                  artifacts_root: str | Path | None = None, journal: str | Path | None = None,
@@ -36,7 +37,7 @@ class RecommenderService:
         self.index_name = index_name
         self.root = Path(artifacts_root or Path(artifacts_dir).resolve().parent).resolve()
         self.journal = Journal(journal) if journal else None
-        self.events = EventStore(events) if events else None
+        self.events = EventStore(events or ":memory:")
         self.live_settings = live or LiveSettings()
         self.event_weights = dict(event_weights or {})  # event name -> weight; empty: every event weighs 1
         self.live = LiveState(self.live_settings)
@@ -139,8 +140,6 @@ class RecommenderService:
     def post_events(self, events: list[dict]) -> dict:
         """Stores a batch of the shop's events (committed before the answer) and applies them at once: the
         users' histories grow, the items' online counts too. Unknown items: 404 naming them, nothing stored."""
-        if self.events is None:
-            raise RequestError(503, "no event store is configured (serve.yaml events)")
         if self.events.unavailable:
             raise RequestError(503, f"events are unavailable: {self.events.unavailable}", headers={"Retry-After": "60"})
         artifacts, now = self.artifacts, time.time()
@@ -171,8 +170,6 @@ class RecommenderService:
     def _live_from_store(self, artifacts: Artifacts) -> LiveState:
         """The live state of freshly loaded artifacts: every stored event after the export's data."""
         live = LiveState(self.live_settings)
-        if self.events is None:
-            return live
         until = artifacts.manifest.get("events_until")
         until = float(until) if isinstance(until, (int, float)) else float("-inf")  # older exports: every event
         for event in self.events.events(after=until):
@@ -288,7 +285,7 @@ class RecommenderService:
         """Deletes a person's live events from the store and the live state; returns how many there were."""
         key = str(user_id)
         had = len(self.live.history(key))
-        if self.events is not None and self.events.unavailable is None:
+        if self.events.unavailable is None:
             with self._events_lock:
                 try:
                     had = max(had, self.events.delete_user(key))
