@@ -21,7 +21,7 @@ def test_an_unknown_command_is_one_line():
     assert done.returncode == 2 and "unknown command 'fit'" in done.stderr and "Traceback" not in done.stderr
 
 
-@pytest.mark.parametrize("command", ["prepare", "train", "export", "index", "forget"])
+@pytest.mark.parametrize("command", ["prepare", "train", "export", "index", "serve", "forget"])
 def test_every_hydra_command_shows_its_config(command):
     done = subprocess.run([*CLI, command, "--cfg", "job"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
