@@ -7,6 +7,7 @@ one is configured (auth.py). Security headers, load shedding and the body limit:
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 
@@ -16,7 +17,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from multimodal_rec.embeddings import EmbeddingsError
+from multimodal_rec.serving import engine
 from multimodal_rec.serving.auth import Tokens, read_guard, token_holder, write_guard
+from multimodal_rec.serving.batching import Arrivals, QueryBatcher
 from multimodal_rec.serving.errors import RequestError
 from multimodal_rec.serving.middleware import BodyLimit, LoadShedding, SecurityHeaders
 from multimodal_rec.serving.page import add_docs, add_page
@@ -52,12 +55,43 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 PUBLIC_READINESS = ("items", "users", "withdrawn_items", "forgotten_users")
 
 
+class Measured:
+    """Counts answers by route and status and times them (Prometheus), as plain ASGI: no task group or stream
+    per request, which Starlette's @app.middleware("http") costs every request (healthz included). Not a frame
+    on the stack either (the answer is timed when its last part is sent): a body's JSON nesting may go as deep
+    as before (json.loads shares the interpreter's recursion limit with the frames above it)."""
+
+    def __init__(self, app, requests: Counter, latency: Histogram):
+        self.app, self.requests, self.latency = app, requests, latency
+
+    def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return self.app(scope, receive, send)
+        started, status = time.perf_counter(), [500]
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                route = scope.get("route")
+                name = route.path if route is not None else "unmatched"
+                self.latency.labels(name).observe(time.perf_counter() - started)
+                self.requests.labels(name, str(status[0])).inc()
+            await send(message)
+
+        return self.app(scope, receive, sending)
+
+
 def create_app(service: RecommenderService, max_body_bytes: int = 10 * 1024 * 1024,
-               tokens: Tokens | None = None, image_root: str | None = None, *, max_in_flight: int = 0) -> FastAPI:
+               tokens: Tokens | None = None, image_root: str | None = None, *, max_in_flight: int = 0,
+               batch_wait_ms: float = 0.0, batch_max: int = 32) -> FastAPI:
     """tokens: none configured means writes answer 403 (saying how to enable them) and reads are open.
     image_root: where catalogue pictures are read from (default: the data folder the export names).
     max_in_flight: heavy requests (queries, pictures, writes) past this many in flight get 503 + Retry-After at
-    once (0: none refused)."""
+    once (0: none refused).
+    batch_wait_ms: > 0 answers /recommend and /rank requests that arrive together in one batch (batching.py): as
+    soon as every one the server has started on has joined it, at most this long after its first, at once when
+    batch_max are queued; 0: each on its own."""
     # docs_url/redoc_url None: FastAPI's own pages load Swagger UI and ReDoc from a CDN (add_docs serves them here)
     app = FastAPI(title="multimodal_rec", description="Multimodal recommendations with reasons", version="1",
                   docs_url=None, redoc_url=None)
@@ -70,15 +104,17 @@ def create_app(service: RecommenderService, max_body_bytes: int = 10 * 1024 * 10
                         registry=registry)
     shed = Counter("mmrec_shed_requests", "heavy requests refused with 503 past max_in_flight", registry=registry)
 
-    @app.middleware("http")
-    async def measure(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        name = route.path if route is not None else "unmatched"
-        latency.labels(name).observe(time.perf_counter() - started)
-        requests.labels(name, str(response.status_code)).inc()
-        return response
+    app.add_middleware(Measured, requests=requests, latency=latency)  # added first: innermost, as before
+    batcher = QueryBatcher(service.answer, batch_wait_ms, batch_max) if batch_wait_ms > 0 else None
+    app.state.batcher = batcher
+    if batcher is not None:  # which batched requests the server has started on (a batch need not wait for more)
+        app.add_middleware(Arrivals, batcher=batcher, paths=("/recommend", "/rank"))
+
+    async def answered(pending) -> JSONResponse:
+        """A checked request's answer: with those that arrived with it (batching on, and work to share) or at once."""
+        if batcher is None or not engine.shares_work(*pending):
+            return JSONResponse(service.answer_one(pending))
+        return JSONResponse(await batcher.submit(pending))
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, error: RequestError):
@@ -90,10 +126,10 @@ def create_app(service: RecommenderService, max_body_bytes: int = 10 * 1024 * 10
         return JSONResponse({"detail": "invalid request", "errors": problems}, status_code=422)
 
     # Answers are built as plain dicts by the engine and sent as they are: the schema documents them
-    # (/docs) without a second validation pass on every response. The read endpoints are `async`: a few
-    # milliseconds of compute each, run in turn on the event loop, which beats threads contending for the
-    # GIL (p99 at 8 clients 27 ms instead of 42 ms in bench/serve_load.py); slow work (new items, reloads)
-    # stays in the thread pool.
+    # (/docs) without a second validation pass on every response. The read endpoints are `async`: about a
+    # millisecond of compute each, run in turn on the event loop (in batches with batch_wait_ms), which beats
+    # threads contending for the GIL (p99 at 8 clients 27 ms instead of 42 ms in bench/serve_load.py); slow work
+    # (new items, reloads) stays in the thread pool.
     ANSWER = {200: {"model": RecommendResponse, "description": "items, best first, each with its reason"}}
     guarded_reads = (401, 403) if tokens.read else ()
 
@@ -112,11 +148,11 @@ def create_app(service: RecommenderService, max_body_bytes: int = 10 * 1024 * 10
     async def recommend(body: RecommendRequest):
         filters = {k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in (body.filters or {}).items()}
         at = epoch_seconds(body.context.time, time.time()) if body.context else None
-        return JSONResponse(service.recommend(*query_args(body), body.k, filters, body.exclude_seen, at))
+        return await answered(service.recommend_ask(*query_args(body), body.k, filters, body.exclude_seen, at))
 
     @app.post("/rank", response_model=None, responses={**ANSWER, **QUERY_ERRORS}, dependencies=reads)
     async def rank(body: RankRequest):
-        return JSONResponse(service.rank(*query_args(body), body.items))
+        return await answered(service.rank_ask(*query_args(body), body.items))
 
     @app.get("/items/{item_id}/similar", response_model=None, dependencies=reads,
              responses={**ANSWER, **errors(*guarded_reads, 404, 410, 422, *busy)})
@@ -150,9 +186,14 @@ def create_app(service: RecommenderService, max_body_bytes: int = 10 * 1024 * 10
     def reload(body: ReloadRequest):
         target = service.reload_target(body.artifacts)  # 403 outside the artifacts root, before any read
         try:
-            return service.load(target)
+            described = service.load(target)
         except (EmbeddingsError, OSError) as error:
             raise RequestError(422, f"artifacts refused, the old ones stay in service: {error}") from error
+        if gc.get_freeze_count():  # serve.py froze what it loaded: the old artifacts may go, the new ones stay
+            gc.unfreeze()
+            gc.collect()
+            gc.freeze()
+        return described
 
     @app.get("/healthz")
     async def healthz():

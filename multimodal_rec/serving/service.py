@@ -23,6 +23,7 @@ from multimodal_rec.serving.stored_vectors import encoding_entry, encoding_key, 
 
 log = logging.getLogger(__name__)
 REPLAY_BATCH = 1024  # journaled additions inserted together on a replay
+Pending = tuple[Artifacts, engine.Ask]  # a read request checked on the artifacts in service, not yet answered
 
 
 class RecommenderService:
@@ -116,9 +117,12 @@ class RecommenderService:
                                headers={"Retry-After": "60"}) from error
 
     # ---- requests: ids as the client sends them (the shop's own, see shop_ids.py), answers alike --------
+    # Each read is checked on its own (recommend_ask, rank_ask: a 4xx concerns that request alone), then answered
+    # with whatever requests arrived with it (answer: one encoder forward, search and ranker forward for all).
     def _query(self, artifacts: Artifacts, user_id, history, profile, hour) -> engine.Query:
         """A user's stored history, + their live events since the export, + the session sent. A user the export
-        does not hold is known from their first live event."""
+        does not hold is known from their first live event. Its vector, where the history encoder must run, is
+        computed with the requests answered together (engine.answer_many)."""
         session = items_in(artifacts.shop_ids, history, "unknown item ids in history") if history else []
         live = [i for i in self.live.history(str(user_id)) if i in artifacts.item_row] if user_id is not None else []
         try:
@@ -128,13 +132,52 @@ class RecommenderService:
                 raise
             canonical = None  # a new customer: their events are their history
         combined = live + list(session)
-        return engine.build_query(artifacts, canonical, combined or None, profile, hour)
+        return engine.prepare_query(artifacts, canonical, combined or None, profile, hour)
 
-    def recommend(self, user_id, history, profile, hour, k, filters, exclude_seen, at: float | None = None) -> dict:
+    def recommend_ask(self, user_id, history, profile, hour, k, filters, exclude_seen,
+                      at: float | None = None) -> Pending:
+        """A /recommend request checked (4xx here) and ready to be answered (`answer`)."""
         artifacts, live = self.artifacts, self.live
         query = self._query(artifacts, user_id, history, profile, hour)
-        answer = engine.recommend(artifacts, query, k, filters, exclude_seen, live, time.time() if at is None else at)
-        return answer_out(artifacts.shop_ids, answer)
+        return artifacts, engine.recommend_ask(artifacts, query, k, filters, exclude_seen, live,
+                                               time.time() if at is None else at)
+
+    def rank_ask(self, user_id, history, profile, hour, items) -> Pending:
+        artifacts = self.artifacts
+        query = self._query(artifacts, user_id, history, profile, hour)
+        return artifacts, engine.rank_ask(artifacts, query, items_in(artifacts.shop_ids, items))
+
+    def answer(self, pending: list[Pending]) -> list[dict | Exception]:
+        """The answers of checked requests, in order, computed together for those on the same artifacts (a
+        reload may have landed between two); a request whose answer failed gets its exception, alone: when a
+        batch fails, each of its requests is answered again on its own."""
+        results: list = [None] * len(pending)
+        groups: dict[int, tuple[Artifacts, list[int]]] = {}
+        for position, (artifacts, _) in enumerate(pending):
+            groups.setdefault(id(artifacts), (artifacts, []))[1].append(position)
+        for artifacts, positions in groups.values():
+            answers = self._answer_together(artifacts, [pending[p][1] for p in positions])
+            for position, answer in zip(positions, answers):
+                results[position] = answer if isinstance(answer, Exception) else answer_out(artifacts.shop_ids, answer)
+        return results
+
+    @staticmethod
+    def _answer_together(artifacts: Artifacts, asks: list[engine.Ask]) -> list:
+        try:
+            return engine.answer_many(artifacts, asks)
+        except Exception as error:  # noqa: BLE001 - given to the request it concerns, found by answering alone
+            if len(asks) == 1:
+                return [error]
+            return [RecommenderService._answer_together(artifacts, [ask])[0] for ask in asks]
+
+    def answer_one(self, pending: Pending) -> dict:
+        result = self.answer([pending])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def recommend(self, user_id, history, profile, hour, k, filters, exclude_seen, at: float | None = None) -> dict:
+        return self.answer_one(self.recommend_ask(user_id, history, profile, hour, k, filters, exclude_seen, at))
 
     # ---- live events -------------------------------------------------------------------------------------
     def post_events(self, events: list[dict]) -> dict:
@@ -181,9 +224,7 @@ class RecommenderService:
         return live
 
     def rank(self, user_id, history, profile, hour, items) -> dict:
-        artifacts = self.artifacts
-        query = self._query(artifacts, user_id, history, profile, hour)
-        return answer_out(artifacts.shop_ids, engine.rank(artifacts, query, items_in(artifacts.shop_ids, items)))
+        return self.answer_one(self.rank_ask(user_id, history, profile, hour, items))
 
     def similar(self, item_id, k: int) -> dict:
         artifacts = self.artifacts

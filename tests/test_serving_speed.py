@@ -1,0 +1,411 @@
+"""The fast read path keeps the answers: requests answered together (batching.py) get exactly what they get
+alone, a request's filters and exclusions stay its own, and what a request does besides the index search does not
+grow with the catalogue (no pandas, no array as long as the catalogue, per request)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import shutil
+import threading
+
+import httpx
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from multimodal_rec.serving import engine
+from multimodal_rec.serving import live as live_py
+from multimodal_rec.serving.app import create_app
+from multimodal_rec.serving.artifacts import ExactIndex
+from multimodal_rec.serving.batching import _ARRIVAL, QueryBatcher
+from multimodal_rec.serving.service import RecommenderService
+from tests.conftest import serving_in_thread
+
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def service(tiny_artifacts, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("speed") / "artifacts"
+    shutil.copytree(tiny_artifacts, folder)
+    return RecommenderService(folder)
+
+
+def _same(batched: dict, alone: dict) -> None:
+    """The same items in the same order with the same scores (within float noise), reasons and attributes."""
+    assert batched.keys() == alone.keys()
+    assert [i["item_id"] for i in batched["items"]] == [i["item_id"] for i in alone["items"]]
+    for got, want in zip(batched["items"], alone["items"]):
+        assert got["score"] == pytest.approx(want["score"], abs=TOLERANCE)
+        assert got["retrieval_score"] == pytest.approx(want["retrieval_score"], abs=TOLERANCE)
+        assert got["attributes"] == want["attributes"]
+        assert got["reason"].get("because_of") == want["reason"].get("because_of")
+        assert got["reason"]["kind"] == want["reason"]["kind"]
+    assert batched.get("withdrawn_item_ids") == alone.get("withdrawn_item_ids")
+
+
+def _requests(service: RecommenderService, seed: int = 0) -> list[tuple[str, tuple]]:
+    """Every kind of read: stored users, sessions, both, hours, profiles, filters, exclude_seen on and off,
+    ranking candidates."""
+    artifacts, rng = service.artifacts, random.Random(seed)
+    users = [int(u) for u in artifacts.user_ids]
+    items = [int(i) for i in artifacts.item_ids]
+    categories = sorted(artifacts.catalog["category"].astype(str).unique())
+    out = []
+    for user in rng.sample(users, 12):
+        session = rng.sample(items, rng.randint(1, 8))
+        out += [
+            ("recommend", (user, None, None, None, 10, None, True)),
+            ("recommend", (None, session, None, None, 5, None, True)),
+            ("recommend", (user, session[:2], None, 7, 12, {"category": rng.choice(categories)}, False)),
+            ("recommend", (None, session, None, 20, 10, {"cold": True}, True)),
+            ("recommend", (None, None, {"gender": "f"}, None, 4, None, True)),  # no history: popularity
+            ("rank", (user, None, None, None, rng.sample(items, 30))),
+            ("rank", (None, session, None, 3, rng.sample(items, 15))),
+        ]
+    rng.shuffle(out)
+    return out
+
+
+def _ask(service: RecommenderService, kind: str, args: tuple):
+    return service.recommend_ask(*args) if kind == "recommend" else service.rank_ask(*args)
+
+
+def _alone(service: RecommenderService, kind: str, args: tuple) -> dict:
+    return service.recommend(*args) if kind == "recommend" else service.rank(*args)
+
+
+def test_batched_answers_equal_one_at_a_time_answers(service):
+    requests = _requests(service)
+    alone = [_alone(service, kind, args) for kind, args in requests]
+    for size in (2, 7, len(requests)):
+        for start in range(0, len(requests), size):
+            part = requests[start:start + size]
+            batched = service.answer([_ask(service, kind, args) for kind, args in part])
+            for got, want in zip(batched, alone[start:start + size]):
+                _same(got, want)
+
+
+def test_a_requests_filters_and_exclusions_do_not_leak_into_its_batch(service):
+    artifacts = service.artifacts
+    category = artifacts.catalog.set_index("item_id")["category"].astype(str)
+    found = 0
+    for user in (int(u) for u in artifacts.user_ids):
+        seen = {int(i) for i in artifacts.user_history(user)}
+        free = service.recommend(user, None, None, None, 10, None, False)  # seen items allowed, no filter
+        ids = [i["item_id"] for i in free["items"]]
+        if not seen & set(ids) or len({category[i] for i in ids}) < 2:
+            continue
+        wanted = category[ids[-1]]  # a category some, not all, of the free answer's items are in
+        strict = (user, None, None, None, 10, {"category": wanted}, True)
+        loose = (user, None, None, None, 10, None, False)
+        batch = service.answer([service.recommend_ask(*strict), service.recommend_ask(*loose),
+                                service.recommend_ask(*strict)])
+        strict_ids = [i["item_id"] for i in batch[0]["items"]]
+        assert strict_ids and all(category[i] == wanted for i in strict_ids)
+        assert not seen & set(strict_ids)
+        _same(batch[0], service.recommend(*strict))
+        _same(batch[2], service.recommend(*strict))
+        _same(batch[1], free)  # its seen items and other categories are still there
+        assert seen & {i["item_id"] for i in batch[1]["items"]}
+        assert any(category[i["item_id"]] != wanted for i in batch[1]["items"])
+        found += 1
+        if found == 5:
+            break
+    assert found, "no user whose free answer holds a seen item and several categories"
+
+
+def test_every_users_top_10_is_the_same_with_batching_on_and_off(service):
+    artifacts = service.artifacts
+    users = [int(u) for u in artifacts.user_ids if int(u) in artifacts.user_row]
+    alone = {user: service.recommend(user, None, None, None, 10, None, True) for user in users}
+    for start in range(0, len(users), 16):
+        part = users[start:start + 16]
+        batched = service.answer([service.recommend_ask(u, None, None, None, 10, None, True) for u in part])
+        for user, got in zip(part, batched):
+            _same(got, alone[user])
+
+
+def test_withdrawn_items_leave_batched_answers_at_once(tiny_artifacts, tmp_path):
+    folder = tmp_path / "artifacts"
+    shutil.copytree(tiny_artifacts, folder)
+    service = RecommenderService(folder)
+    user = int(service.artifacts.user_ids[0])
+    top = [i["item_id"] for i in service.recommend(user, None, None, None, 10, None, True)["items"]]
+    service.withdraw_item(top[0])
+    again = service.answer([service.recommend_ask(user, None, None, None, 10, None, True),
+                            service.rank_ask(user, None, None, None, top)])
+    assert top[0] not in [i["item_id"] for i in again[0]["items"]]
+    assert again[1]["withdrawn_item_ids"] == [top[0]]
+    assert top[0] not in [i["item_id"] for i in again[1]["items"]]
+    # withdrawn while a request waits in a batch: left out all the same
+    waiting = [service.recommend_ask(user, None, None, None, 10, None, True),
+               service.rank_ask(user, None, None, None, top)]
+    service.withdraw_item(top[1])
+    late = service.answer(waiting)
+    assert not {top[0], top[1]} & {i["item_id"] for i in late[0]["items"]}
+    assert late[1]["withdrawn_item_ids"] == [top[0], top[1]]
+    assert not {top[0], top[1]} & {i["item_id"] for i in late[1]["items"]}
+
+
+def test_attributes_are_those_the_catalogue_gives_also_when_the_kept_ones_are_dropped(service, monkeypatch):
+    from multimodal_rec.serving.catalog_api import attributes_of
+
+    artifacts = service.artifacts
+    rows = np.arange(len(artifacts.item_ids))
+    assert engine.attributes(artifacts, rows) == attributes_of(artifacts, rows)  # every item, as before
+    monkeypatch.setattr(engine, "RECORDS", 8)  # few kept: a request's rows outgrow them
+    for start in range(0, 40, 3):
+        part = rows[start:start + 6]
+        assert engine.attributes(artifacts, part) == attributes_of(artifacts, part)
+
+
+def test_the_live_signals_read_only_the_rows_with_events_and_give_what_live_py_gives(tiny_artifacts):
+    from multimodal_rec.serving.live import LiveSettings, LiveState
+
+    service = RecommenderService(tiny_artifacts)
+    artifacts, rng = service.artifacts, np.random.default_rng(0)
+    n, cold = len(artifacts.item_ids), artifacts.catalog["cold"].to_numpy(bool)
+    state = LiveState(LiveSettings(trending_weight=0.1, new_arrival_weight=1.5))
+    for event in range(300):
+        row = int(rng.integers(n))
+        state.record(f"u{rng.integers(20)}", int(artifacts.item_ids[row]), row, float(rng.integers(1, 4)),
+                     1000.0 + 60 * event)
+    service.live, now = state, 1000.0 + 60 * 300 + 3600
+    service.withdraw_item(int(artifacts.item_ids[int(np.argmax(state.decayed_counts(n, now)))]))
+    category = str(artifacts.catalog["category"].iat[7])
+    for filters in (None, {"category": category}):
+        allowed = engine.allowed_rows(artifacts, filters)
+        seen = rng.choice(n, 15, replace=False)
+        excluded = engine.Excluded.of(artifacts, seen)
+        want = live_py.trending_rows(state, n, now, 20, allowed, set(seen.tolist()) | artifacts.withdrawn)
+        assert engine._trending(state, n, now, 20, allowed, excluded).tolist() == want.tolist()
+        # the popularity fallback: exported popularity + (1 + w) log(1 + count), as computed over every row
+        popularity = np.log1p(artifacts.catalog["popularity"].to_numpy(np.float64))
+        popularity = popularity + 1.1 * np.log1p(state.decayed_counts(n, now))
+        candidates = np.flatnonzero(allowed) if allowed is not None else np.arange(n)
+        candidates = candidates[~np.isin(candidates, list(artifacts.withdrawn))]
+        order = candidates[np.argsort(-popularity[candidates], kind="stable")][:10]
+        answer = service.recommend(None, None, None, None, 10, filters, True, at=now)
+        assert answer["strategy"] == "popularity"
+        assert [i["item_id"] for i in answer["items"]] == artifacts.item_ids[order].tolist()
+        assert [i["score"] for i in answer["items"]] == popularity[order].tolist()
+    rows, scores = rng.choice(n, 50, replace=False), rng.normal(size=50)
+    np.testing.assert_array_equal(engine._blended(state, cold, rows, scores, now),
+                                  live_py.blended(state, cold, rows, scores, now))
+
+
+# ---- the batcher --------------------------------------------------------------------------------------------
+def test_the_batcher_answers_requests_arriving_together_at_once_and_keeps_failures_apart():
+    sizes = []
+
+    def answer(batch):
+        sizes.append(len(batch))
+        return [ValueError(f"bad {r}") if r == 3 else r * 10 for r in batch]
+
+    async def main():
+        batcher = QueryBatcher(answer, wait_ms=20, max_batch=4)
+        results = await asyncio.gather(*(batcher.submit(r) for r in range(6)), return_exceptions=True)
+        return batcher, results
+
+    batcher, results = asyncio.run(main())
+    assert sizes == [4, 2]  # a full batch at once, the rest after the wait
+    assert results[:3] == [0, 10, 20] and results[4:] == [40, 50]
+    assert isinstance(results[3], ValueError)
+    assert (batcher.batches, batcher.requests) == (2, 6)
+    with pytest.raises(ValueError):
+        QueryBatcher(answer, wait_ms=0)
+
+
+def test_a_lone_request_does_not_wait_and_a_batch_waits_for_requests_on_their_way():
+    sizes = []
+
+    def answer(batch):
+        sizes.append(len(batch))
+        return batch
+
+    async def main():
+        batcher = QueryBatcher(answer, wait_ms=60_000)
+
+        async def request(value):  # as the app's handlers run: Arrivals marked the request first
+            _ARRIVAL.set(batcher.arrived())
+            return await batcher.submit(value)
+
+        assert await asyncio.wait_for(request("alone"), 5) == "alone"  # not after the minute's wait
+        on_its_way = batcher.arrived()  # a request the server has started on (its body still arriving, say)
+        queued = asyncio.ensure_future(request("first"))
+        await asyncio.sleep(0.05)
+        assert not queued.done()  # waits for it
+        batcher.left(on_its_way)  # it failed before it was queued (a 4xx): no reason to wait any more
+        assert await asyncio.wait_for(queued, 5) == "first"
+        return batcher
+
+    batcher = asyncio.run(main())
+    assert sizes == [1, 1] and batcher.expected == 0
+
+
+def test_a_batch_that_fails_fails_only_the_request_it_concerns(service, monkeypatch):
+    requests = _requests(service)[:6]
+    alone = [_alone(service, kind, args) for kind, args in requests]
+    poisoned = _ask(service, *requests[2])
+    real = engine.answer_many
+
+    def fragile(artifacts, asks):
+        if poisoned[1] in asks:
+            raise RuntimeError("this request's answer failed")
+        return real(artifacts, asks)
+
+    monkeypatch.setattr(engine, "answer_many", fragile)
+    batch = [_ask(service, kind, args) for kind, args in requests]
+    batch[2] = poisoned
+    answers = service.answer(batch)
+    assert isinstance(answers[2], RuntimeError)
+    for position in (0, 1, 3, 4, 5):
+        _same(answers[position], alone[position])
+
+
+def test_concurrent_http_requests_are_batched_and_answered_as_alone(service):
+    app = create_app(service, batch_wait_ms=50, batch_max=64)
+    users = [int(u) for u in service.artifacts.user_ids[:8]]
+    bodies = [{"user_id": u, "history": [int(service.artifacts.item_ids[u % 50])], "k": 5} for u in users]
+    bodies.append({"user_id": users[0], "items": [int(i) for i in service.artifacts.item_ids[:20]]})
+    with serving_in_thread(app) as url:
+        results: dict[int, httpx.Response] = {}
+
+        def ask(position, body):
+            path = "/rank" if "items" in body else "/recommend"
+            results[position] = httpx.post(f"{url}{path}", json=body, timeout=30)
+
+        threads = [threading.Thread(target=ask, args=(p, b)) for p, b in enumerate(bodies)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        bad = httpx.post(f"{url}/recommend", json={"user_id": 10**12}, timeout=30)
+        metrics = httpx.get(f"{url}/metrics", timeout=30).text
+    assert bad.status_code == 404  # refused before it was queued
+    batcher = app.state.batcher
+    assert batcher.requests == len(bodies) and batcher.expected == 0  # every request went through it
+    for position, body in enumerate(bodies):
+        assert results[position].status_code == 200
+        if "items" in body:
+            want = service.rank(body["user_id"], None, None, None, body["items"])
+        else:
+            want = service.recommend(body["user_id"], body["history"], None, None, body["k"], None, True)
+        _same(results[position].json(), want)
+    assert 'mmrec_requests_total{route="/recommend",status="200"}' in metrics
+    assert 'mmrec_requests_total{route="/recommend",status="404"}' in metrics
+
+
+# ---- per-request work does not grow with the catalogue ------------------------------------------------------
+def _grown(folder, n_items: int) -> RecommenderService:
+    """The tiny artifacts with their catalogue repeated (noisy copies of the item vectors, new ids) to n_items,
+    searched exactly: the same users and histories over a larger catalogue."""
+    service = RecommenderService(folder)
+    artifacts = service.artifacts
+    base = len(artifacts.item_ids)
+    copies = -(-n_items // base)
+    rng = np.random.default_rng(0)
+    ids = np.concatenate([artifacts.item_ids + copy * 10**7 for copy in range(copies)])[:n_items]
+    vectors = np.tile(artifacts.item_vectors, (copies, 1))[:n_items]
+    vectors[base:] += rng.normal(0, 1e-3, vectors[base:].shape).astype(np.float32)
+    catalog = pd.concat([artifacts.catalog] * copies, ignore_index=True).iloc[:n_items].copy()
+    catalog["item_id"] = ids
+    artifacts.item_ids, artifacts.item_vectors, artifacts.catalog = ids, np.ascontiguousarray(vectors), catalog
+    artifacts.titles = np.tile(artifacts.titles, copies)[:n_items]
+    if artifacts.modality_parts is not None:
+        artifacts.modality_parts = np.tile(artifacts.modality_parts, (copies, 1, 1))[:n_items]
+    artifacts.item_row = {int(i): r for r, i in enumerate(ids)}
+    artifacts.index = ExactIndex(ids, artifacts.item_vectors)
+    return service
+
+
+SIZED = {"arange", "zeros", "ones", "empty", "full", "fromiter"}  # numpy calls whose ints are sizes
+
+
+class _SizeGuard:
+    """numpy as engine.py sees it, recording the most rows of any array a call is given (or the size it makes);
+    binary search (searchsorted) is O(log N) and left out."""
+
+    def __init__(self):
+        self.largest, self.calls = 0, 0
+
+    def __getattr__(self, name):
+        real = getattr(np, name)
+        if not callable(real) or isinstance(real, type) or name == "searchsorted":
+            return real
+
+        def checked(*args, **kwargs):
+            self.calls += 1
+            for value in (*args, *kwargs.values()):
+                if isinstance(value, np.ndarray) and value.ndim:  # its rows: items, candidates, history
+                    self.largest = max(self.largest, len(value))
+                elif name in SIZED and isinstance(value, int) and not isinstance(value, bool):
+                    self.largest = max(self.largest, value)
+            return real(*args, **kwargs)
+
+        return checked
+
+
+def _forbid(*_, **__):
+    raise AssertionError("a pandas call over the catalogue, per request")
+
+
+def _guarded_answers(folder, n_items: int, monkeypatch) -> tuple[_SizeGuard, _SizeGuard]:
+    """Answers every kind of read over a catalogue of n_items with pandas forbidden and engine's numpy watched,
+    after a first round that derives the arrays (and the filters' masks) once: all of them in one batch, then
+    each alone; the guards that watched each."""
+    service = _grown(folder, n_items)
+    service.withdraw_item(int(service.artifacts.item_ids[5]))
+    rng = np.random.default_rng(2)
+    for event in range(200):  # live events: trending items join the candidates, the fallback follows them
+        row = int(rng.integers(n_items))
+        service.live.record(f"u{event % 30}", int(service.artifacts.item_ids[row]), row, 1.0, 1000.0 + event)
+    assert service.live.settings.blends
+    requests = _requests(service, seed=1)
+    for kind, args in requests:
+        _alone(service, kind, args)
+    batched, alone = _SizeGuard(), _SizeGuard()
+    with monkeypatch.context() as patched:
+        exact = engine._exact
+
+        def search(*args):  # the exact search behind a filter the index did not satisfy: a search (O(passing))
+            guard = engine.np
+            engine.np = np
+            try:
+                return exact(*args)
+            finally:
+                engine.np = guard
+
+        patched.setattr(engine, "_exact", search)
+        patched.setattr(engine, "filter_mask", _forbid)
+        for name in ("__getitem__", "to_dict", "itertuples"):
+            patched.setattr(pd.DataFrame, name, _forbid)
+        for name in ("to_numpy", "__array__", "__getitem__"):
+            patched.setattr(pd.Series, name, _forbid)
+        patched.setattr(pd.DataFrame, "iloc", property(_forbid))
+        answers = []
+        for guard, answer in ((batched, lambda: service.answer([_ask(service, *request) for request in requests])),
+                              (alone, lambda: [_alone(service, *request) for request in requests])):
+            patched.setattr(engine, "np", guard)
+            patched.setattr(live_py, "np", guard)  # the live signals (live.py) watched too
+            answers += answer()
+    assert not any(isinstance(answer, Exception) for answer in answers), answers
+    # Arrow columns in one piece: a take from a chunked array (the catalogue grown by concat here, a Parquet file
+    # of many row groups in a shop) copies every chunk, per request
+    assert not any(isinstance(values, pa.ChunkedArray)
+                   for _, _, values in engine.derived(service.artifacts).attribute_arrays)
+    return batched, alone
+
+
+def test_per_request_work_does_not_grow_with_the_catalogue(tiny_artifacts, monkeypatch):
+    (small_batch, small), (large_batch, large) = (_guarded_answers(tiny_artifacts, n, monkeypatch)
+                                                  for n in (2_000, 200_000))
+    # the most rows any of a request's numpy calls saw: its history, candidates or fetch, never the catalogue;
+    # a batch's: the candidates of all its requests together (~80 requests here)
+    assert large.largest < 5_000, f"a per-request numpy call over {large.largest} rows of 200,000 items"
+    assert large_batch.largest < 20_000, f"a batch's numpy call over {large_batch.largest} rows of 200,000 items"
+    for few, many in ((small, large), (small_batch, large_batch)):  # as many calls at 100x the items
+        assert 0 < many.calls <= 1.5 * few.calls + 50, (few.calls, many.calls)
