@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from multimodal_rec.serving.engine import build_query, continuation
+from multimodal_rec.serving.query import build_query, continuation
 from multimodal_rec.serving.service import RecommenderService
 
 

@@ -222,6 +222,7 @@ def test_reload_swaps_atomically_and_refuses_bad_artifacts(live, tmp_path):
 def test_filters_reach_items_an_approximate_index_misses(tiny_artifacts):
     """An ANN index may never return some items for a query: a strict filter then falls back to exact scoring."""
     from multimodal_rec.serving import engine
+    from multimodal_rec.serving.query import build_query
 
     service = RecommenderService(tiny_artifacts)
     artifacts = service.artifacts
@@ -241,7 +242,7 @@ def test_filters_reach_items_an_approximate_index_misses(tiny_artifacts):
 
     artifacts.index = Myopic()
     wanted = int(in_category.sum())
-    query = engine.build_query(artifacts, int(artifacts.user_ids[0]), None, None, None)
+    query = build_query(artifacts, int(artifacts.user_ids[0]), None, None, None)
     answer = engine.recommend(artifacts, query, 5, {"category": category}, exclude_seen=False)
     assert len(answer["items"]) == min(5, wanted)
     assert all(artifacts.catalog.set_index("item_id").loc[i["item_id"], "category"] == category

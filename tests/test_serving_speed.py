@@ -15,8 +15,11 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
+from multimodal_rec.serving import derived as derived_py
 from multimodal_rec.serving import engine
+from multimodal_rec.serving import explain as explain_py
 from multimodal_rec.serving import live as live_py
+from multimodal_rec.serving import query as query_py
 from multimodal_rec.serving.app import create_app
 from multimodal_rec.serving.artifacts import ExactIndex
 from multimodal_rec.serving.batching import _ARRIVAL, QueryBatcher
@@ -156,13 +159,13 @@ def test_attributes_are_those_the_catalogue_gives_also_when_the_kept_ones_are_dr
     artifacts = service.artifacts
     rows = np.arange(len(artifacts.item_ids))
     assert engine.attributes(artifacts, rows) == attributes_of(artifacts, rows)  # every item, as before
-    monkeypatch.setattr(engine, "RECORDS", 8)  # few kept: a request's rows outgrow them
+    monkeypatch.setattr(explain_py, "RECORDS", 8)  # few kept: a request's rows outgrow them
     for start in range(0, 40, 3):
         part = rows[start:start + 6]
         assert engine.attributes(artifacts, part) == attributes_of(artifacts, part)
 
 
-def test_the_live_signals_read_only_the_rows_with_events_and_give_what_live_py_gives(tiny_artifacts):
+def test_the_live_signals_read_only_the_rows_with_events_and_give_what_every_row_gives(tiny_artifacts):
     from multimodal_rec.serving.live import LiveSettings, LiveState
 
     service = RecommenderService(tiny_artifacts)
@@ -177,11 +180,11 @@ def test_the_live_signals_read_only_the_rows_with_events_and_give_what_live_py_g
     service.withdraw_item(int(artifacts.item_ids[int(np.argmax(state.decayed_counts(n, now)))]))
     category = str(artifacts.catalog["category"].iat[7])
     for filters in (None, {"category": category}):
-        allowed = engine.allowed_rows(artifacts, filters)
+        allowed = derived_py.allowed_rows(artifacts, filters)
         seen = rng.choice(n, 15, replace=False)
-        excluded = engine.Excluded.of(artifacts, seen)
-        want = live_py.trending_rows(state, n, now, 20, allowed, set(seen.tolist()) | artifacts.withdrawn)
-        assert engine._trending(state, n, now, 20, allowed, excluded).tolist() == want.tolist()
+        excluded = derived_py.Excluded.of(artifacts, seen)
+        want = _trending_over_every_row(state, n, now, 20, allowed, set(seen.tolist()) | artifacts.withdrawn)
+        assert live_py.trending_rows(state, n, now, 20, allowed, excluded).tolist() == want.tolist()
         # the popularity fallback: exported popularity + (1 + w) log(1 + count), as computed over every row
         popularity = np.log1p(artifacts.catalog["popularity"].to_numpy(np.float64))
         popularity = popularity + 1.1 * np.log1p(state.decayed_counts(n, now))
@@ -193,8 +196,27 @@ def test_the_live_signals_read_only_the_rows_with_events_and_give_what_live_py_g
         assert [i["item_id"] for i in answer["items"]] == artifacts.item_ids[order].tolist()
         assert [i["score"] for i in answer["items"]] == popularity[order].tolist()
     rows, scores = rng.choice(n, 50, replace=False), rng.normal(size=50)
-    np.testing.assert_array_equal(engine._blended(state, cold, rows, scores, now),
-                                  live_py.blended(state, cold, rows, scores, now))
+    np.testing.assert_array_equal(live_py.blended(state, cold, rows, scores, now),
+                                  _blended_over_every_row(state, cold, rows, scores, now))
+
+
+def _trending_over_every_row(live, n: int, time: float, want: int, allowed, excluded: set) -> np.ndarray:
+    """The definition, over every row: what the per-request version must give."""
+    counts = live.decayed_counts(n, time)
+    if allowed is not None:
+        counts = np.where(allowed, counts, 0.0)
+    if excluded:
+        counts[np.fromiter(excluded, dtype=np.int64)] = 0.0
+    top = np.argsort(-counts, kind="stable")[:want]
+    return top[counts[top] > 0]
+
+
+def _blended_over_every_row(live, cold, rows, scores, time: float) -> np.ndarray:
+    spread = scores.std()
+    standard = (scores - scores.mean()) / (spread if spread > 0 else 1.0)
+    signal = np.log1p(live.decayed_counts(int(rows.max(initial=-1)) + 1, time)[rows])
+    settings = live.settings
+    return standard + signal * (settings.trending_weight + settings.new_arrival_weight * cold[rows])
 
 
 # ---- the batcher --------------------------------------------------------------------------------------------
@@ -322,6 +344,7 @@ def _grown(folder, n_items: int) -> RecommenderService:
     return service
 
 
+READ_PATH = (engine, derived_py, query_py, explain_py, live_py)  # the modules a read request runs through
 SIZED = {"arange", "zeros", "ones", "empty", "full", "fromiter"}  # numpy calls whose ints are sizes
 
 
@@ -354,7 +377,7 @@ def _forbid(*_, **__):
 
 
 def _guarded_answers(folder, n_items: int, monkeypatch) -> tuple[_SizeGuard, _SizeGuard]:
-    """Answers every kind of read over a catalogue of n_items with pandas forbidden and engine's numpy watched,
+    """Answers every kind of read over a catalogue of n_items with pandas forbidden and the read path's numpy watched,
     after a first round that derives the arrays (and the filters' masks) once: all of them in one batch, then
     each alone; the guards that watched each."""
     service = _grown(folder, n_items)
@@ -372,15 +395,17 @@ def _guarded_answers(folder, n_items: int, monkeypatch) -> tuple[_SizeGuard, _Si
         exact = engine._exact
 
         def search(*args):  # the exact search behind a filter the index did not satisfy: a search (O(passing))
-            guard = engine.np
-            engine.np = np
+            guards = [(module, module.np) for module in READ_PATH]
+            for module, _ in guards:
+                module.np = np
             try:
                 return exact(*args)
             finally:
-                engine.np = guard
+                for module, guard in guards:
+                    module.np = guard
 
         patched.setattr(engine, "_exact", search)
-        patched.setattr(engine, "filter_mask", _forbid)
+        patched.setattr(derived_py, "filter_mask", _forbid)
         for name in ("__getitem__", "to_dict", "itertuples"):
             patched.setattr(pd.DataFrame, name, _forbid)
         for name in ("to_numpy", "__array__", "__getitem__"):
@@ -389,14 +414,14 @@ def _guarded_answers(folder, n_items: int, monkeypatch) -> tuple[_SizeGuard, _Si
         answers = []
         for guard, answer in ((batched, lambda: service.answer([_ask(service, *request) for request in requests])),
                               (alone, lambda: [_alone(service, *request) for request in requests])):
-            patched.setattr(engine, "np", guard)
-            patched.setattr(live_py, "np", guard)  # the live signals (live.py) watched too
+            for module in READ_PATH:
+                patched.setattr(module, "np", guard)
             answers += answer()
     assert not any(isinstance(answer, Exception) for answer in answers), answers
     # Arrow columns in one piece: a take from a chunked array (the catalogue grown by concat here, a Parquet file
     # of many row groups in a shop) copies every chunk, per request
     assert not any(isinstance(values, pa.ChunkedArray)
-                   for _, _, values in engine.derived(service.artifacts).attribute_arrays)
+                   for _, _, values in derived_py.derived(service.artifacts).attribute_arrays)
     return batched, alone
 
 

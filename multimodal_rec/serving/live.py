@@ -60,12 +60,24 @@ class LiveState:
 
     def decayed_counts(self, n: int, time: float) -> np.ndarray:
         """(n,) every row's count at `time` (0 for rows without events)."""
+        return self.counts_at(np.arange(n), time)
+
+    def counts_at(self, rows: np.ndarray, time: float) -> np.ndarray:
+        """The rows' decayed counts at `time` (0 for rows without events)."""
+        out = np.zeros(len(rows))
         with self.lock:
-            out = np.zeros(n)
-            m = min(n, len(self.counts))
-            age = np.maximum(time - self.last[:m], 0.0)  # a query before the last event does not grow it
-            out[:m] = self.counts[:m] * np.exp2(-age / (3600.0 * self.settings.half_life_hours))
-            return out
+            inside = rows < len(self.counts)
+            known = rows[inside]
+            age = np.maximum(time - self.last[known], 0.0)  # a query before the last event does not grow it
+            out[inside] = self.counts[known] * np.exp2(-age / (3600.0 * self.settings.half_life_hours))
+        return out
+
+    def picked_rows(self, n: int) -> np.ndarray:
+        """The rows below n that have had live events (ascending): the only ones with a count."""
+        with self.lock:
+            rows = np.fromiter(self.pickers, dtype=np.int64, count=len(self.pickers))
+        rows.sort()
+        return rows[rows < n]
 
     def picked_by(self, row: int) -> int:
         with self.lock:
@@ -82,23 +94,43 @@ class LiveState:
             self.last = np.concatenate([self.last, np.zeros(size - len(self.last))])
 
 
-def trending_rows(live: LiveState, n_items: int, time: float, want: int, allowed: np.ndarray | None,
-                  excluded: set) -> np.ndarray:
-    """The `want` rows picked up most at `time` (decayed counts > 0) that pass the filters, most first."""
-    counts = live.decayed_counts(n_items, time)
+# ---- the signals, over the rows that had events only (per request: never a pass over the catalogue) ----------
+def among(rows: np.ndarray, sorted_rows: np.ndarray) -> np.ndarray:
+    """(R,) bool: which of `rows` are in `sorted_rows` (ascending, distinct)."""
+    if not len(sorted_rows):
+        return np.zeros(len(rows), dtype=bool)
+    where = np.minimum(np.searchsorted(sorted_rows, rows), len(sorted_rows) - 1)
+    return sorted_rows[where] == rows
+
+
+def trending_rows(live: LiveState, n: int, time: float, want: int, allowed: np.ndarray | None,
+                  excluded) -> np.ndarray:
+    """The `want` rows picked up most at `time` (decayed counts > 0) that pass the filters and are not
+    `excluded` (an object whose hit(rows) says which are), most first, ties by row."""
+    rows = live.picked_rows(n)
+    counts = live.counts_at(rows, time)
+    keep = (counts > 0) & ~excluded.hit(rows)
     if allowed is not None:
-        counts = np.where(allowed, counts, 0.0)
-    if excluded:
-        counts[np.fromiter(excluded, dtype=np.int64)] = 0.0
-    top = np.argsort(-counts, kind="stable")[:want]
-    return top[counts[top] > 0]
+        keep &= allowed[rows]
+    rows, counts = rows[keep], counts[keep]
+    return rows[np.argsort(-counts, kind="stable")[:want]]
 
 
 def blended(live: LiveState, cold: np.ndarray, rows: np.ndarray, scores: np.ndarray, time: float) -> np.ndarray:
-    """The model's scores, standardised over the candidates, + the online signals: trending_weight x log(1 +
-    decayed count) for every item, new_arrival_weight x the same for items the model never trained on."""
+    """The model's scores, standardised over the candidates, + trending_weight x log(1 + decayed count) for
+    every item, + new_arrival_weight x the same for items the model never trained on."""
     spread = scores.std()
     standard = (scores - scores.mean()) / (spread if spread > 0 else 1.0)
     settings = live.settings
-    signal = np.log1p(live.decayed_counts(int(rows.max(initial=-1)) + 1, time)[rows])
+    signal = np.log1p(live.counts_at(rows, time))
     return standard + signal * (settings.trending_weight + settings.new_arrival_weight * cold[rows])
+
+
+def say_picked_up(live: LiveState, cold: np.ndarray, rows: np.ndarray, items: list[dict]) -> None:
+    """A new arrival (never trained on) that shoppers are picking up says so in its reason."""
+    for row, item in zip(rows.tolist(), items):
+        shoppers = live.picked_by(row) if cold[row] else 0
+        if shoppers:
+            item["reason"] = {**item["reason"], "kind": "new_arrival",
+                              "text": f"new, and picked up by {shoppers} shopper{'s' if shoppers > 1 else ''} "
+                                      f"recently; {item['reason']['text']}"}

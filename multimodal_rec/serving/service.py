@@ -18,6 +18,7 @@ from multimodal_rec.serving.journal import Journal, JournalError
 from multimodal_rec.serving.live import LiveSettings, LiveState
 from multimodal_rec.serving.live_catalog import forget, insert_many
 from multimodal_rec.serving.new_items import NewItemEncoder, normalized_image
+from multimodal_rec.serving.query import Query, prepare_query
 from multimodal_rec.serving.shop_ids import answer_out, items_in, known_item_row, known_user, user_in
 from multimodal_rec.serving.stored_vectors import encoding_entry, encoding_key, stored_encoding
 
@@ -119,7 +120,7 @@ class RecommenderService:
     # ---- requests: ids as the client sends them (the shop's own, see shop_ids.py), answers alike --------
     # Each read is checked on its own (recommend_ask, rank_ask: a 4xx concerns that request alone), then answered
     # with whatever requests arrived with it (answer: one encoder forward, search and ranker forward for all).
-    def _query(self, artifacts: Artifacts, user_id, history, profile, hour) -> engine.Query:
+    def _query(self, artifacts: Artifacts, user_id, history, profile, hour) -> Query:
         """A user's stored history, + their live events since the export, + the session sent. A user the export
         does not hold is known from their first live event. Its vector, where the history encoder must run, is
         computed with the requests answered together (engine.answer_many)."""
@@ -132,7 +133,7 @@ class RecommenderService:
                 raise
             canonical = None  # a new customer: their events are their history
         combined = live + list(session)
-        return engine.prepare_query(artifacts, canonical, combined or None, profile, hour)
+        return prepare_query(artifacts, canonical, combined or None, profile, hour)
 
     def recommend_ask(self, user_id, history, profile, hour, k, filters, exclude_seen,
                       at: float | None = None) -> Pending:
