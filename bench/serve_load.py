@@ -51,21 +51,22 @@ class Connection:
         self.auth = f"Authorization: Bearer {token}\r\n" if token else ""
         self.reader = self.writer = None
 
-    async def request(self, method: str, path: str, payload) -> int:
+    async def exchange(self, method: str, path: str, payload) -> tuple[int, dict[str, str], bytes]:
+        """(status, headers by lower-case name, body) of one request on the kept-alive connection."""
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         body = json.dumps(payload).encode() if payload is not None else b""
         head = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n{self.auth}"
                 f"Content-Length: {len(body)}\r\n\r\n").encode()
         self.writer.write(head + body)
-        status = int((await self.reader.readline()).split()[1])
-        length = 0
+        status, headers = int((await self.reader.readline()).split()[1]), {}
         while (line := await self.reader.readline()) not in (b"\r\n", b""):
             name, _, value = line.decode("latin-1").partition(":")
-            if name.lower() == "content-length":
-                length = int(value)
-        await self.reader.readexactly(length)
-        return status
+            headers[name.strip().lower()] = value.strip()
+        return status, headers, await self.reader.readexactly(int(headers.get("content-length", 0)))
+
+    async def request(self, method: str, path: str, payload) -> int:
+        return (await self.exchange(method, path, payload))[0]
 
     def close(self) -> None:
         if self.writer is not None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import shutil
 import sys
@@ -56,21 +55,9 @@ class SoakConnection(Connection):
     middleware), which tells it from a failure (a 503 because writes are unavailable has Retry-After too)."""
 
     async def request(self, method: str, path: str, payload) -> tuple[int, float | None]:
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        body = json.dumps(payload).encode() if payload is not None else b""
-        head = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n{self.auth}"
-                f"Content-Length: {len(body)}\r\n\r\n").encode()
-        self.writer.write(head + body)
-        status, length, retry_after = int((await self.reader.readline()).split()[1]), 0, None
-        while (line := await self.reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.decode("latin-1").partition(":")
-            if name.lower() == "content-length":
-                length = int(value)
-            elif name.lower() == "retry-after":
-                retry_after = float(value)
-        content = await self.reader.readexactly(length)
-        return status, (retry_after if status == 503 and b"requests in flight" in content else None)
+        status, headers, content = await self.exchange(method, path, payload)
+        shed = status == 503 and b"requests in flight" in content and "retry-after" in headers
+        return status, (float(headers["retry-after"]) if shed else None)
 
 
 class Soak:

@@ -60,7 +60,10 @@ def run_baseline(name: str, base: list[str], out: Path, seed: int, extra: list[s
             F.normalize(items.image[:-1].float(), dim=1) * items.has_image[:-1, None],
             F.normalize(item_vectors_from_features(datamodule.item_features), dim=1),
         ], dim=1)
-    settings = OmegaConf.load(CONF_DIR / "baseline" / f"{name}.yaml")
+    settings = OmegaConf.load(CONF_DIR / "baseline" / f"{name}.yaml")  # the package's own config, as composed ones
+    if not str(settings.get("_target_", "")).startswith("multimodal_rec.baselines."):
+        raise ValueError(f"conf/baseline/{name}.yaml names {settings.get('_target_')!r}: a baseline config builds "
+                         "one of multimodal_rec.baselines' classes only")
     if "seed" in settings:
         settings.seed = seed
     if settings.get("window_stride", "absent") is None:  # the sequence baseline trains on the model's windows

@@ -161,7 +161,7 @@ def _refit(cfg: DictConfig, selected: str) -> tuple:
     returns (trainer, model, datamodule, path of its last checkpoint)."""
     from multimodal_rec.models.loading import read_checkpoint
 
-    epochs = int(read_checkpoint(selected)["epoch"]) + 1
+    epochs = int(read_checkpoint(selected)["epoch"]) + 1  # its epoch only: the model is built from `cfg`
     cfg = cfg.copy()
     with open_dict(cfg):
         cfg.data.train_on_validation = True

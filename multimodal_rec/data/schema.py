@@ -231,3 +231,9 @@ def load_dataset(root: str | os.PathLike) -> CanonicalDataset:
         interactions=pd.read_parquet(root / INTERACTIONS_FILE),
         manifest=manifest,
     )
+
+
+def item_keys(items) -> list[str]:
+    """Each item row's lasting name: the shop's own id where the data has one, else the item id."""
+    column = items["source_id"] if "source_id" in items else items["item_id"]
+    return [str(key) for key in column]

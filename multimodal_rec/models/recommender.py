@@ -31,6 +31,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from multimodal_rec.data.schema import item_keys
 from multimodal_rec.data.sequences import IGNORE_TARGET
 from multimodal_rec.distributed import broadcast_running_stats
 from multimodal_rec.evaluation.metrics import RankingEvaluator, all_reduce_evaluators
@@ -47,12 +48,6 @@ RERANK_OFFSET = 1e4  # puts re-ranked candidates above every retrieval-only scor
 # loss=auto: full softmax up to this many items (the item tower runs over the whole catalogue every step),
 # sampled softmax beyond
 FULL_SOFTMAX_MAX_ITEMS = 50_000
-
-
-def item_keys(items) -> list[str]:
-    """Each item row's lasting name: the shop's own id where the data has one, else the item id."""
-    column = items["source_id"] if "source_id" in items else items["item_id"]
-    return [str(key) for key in column]
 
 
 class MultimodalRecommender(pl.LightningModule):

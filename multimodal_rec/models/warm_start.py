@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
+from multimodal_rec.data.schema import item_keys
 from multimodal_rec.models.loading import CheckpointError, read_checkpoint
-from multimodal_rec.models.recommender import item_keys
 
 log = logging.getLogger(__name__)
 ITEM_INDEXED = ("item_tower.id_embedding.weight",)  # one row per item (in the data's item order), then padding

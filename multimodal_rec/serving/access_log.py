@@ -13,10 +13,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import os
 import re
 import secrets
-from pathlib import Path
+
+from multimodal_rec.serving.auth import secret
 
 USER_PATH = re.compile(r"/users/([^/?#\s]+)")  # integer ids and a shop's own (string) ids
 _key = secrets.token_bytes(32)  # until install() sets one: per process
@@ -29,16 +29,7 @@ def hashed_id(user_id: int | str, key: bytes | None = None) -> str:
 
 def load_key(env: str | None = "MMREC_LOG_KEY", file: str | None = None) -> bytes | None:
     """The configured key (a file wins over the environment variable), or None: then a random one is used."""
-    if file:
-        path = Path(file).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"the log key file {path} does not exist")
-        lines = path.read_text().splitlines()
-        value = lines[0].strip() if lines else ""
-        if not value:
-            raise ValueError(f"the log key file {path} is empty")
-        return value.encode()
-    value = os.environ.get(env, "").strip() if env else ""
+    value = secret(env, file, "log key")
     return value.encode() if value else None
 
 

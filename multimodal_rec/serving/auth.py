@@ -26,15 +26,16 @@ class Tokens:
     read: str | None = None
 
 
-def _token(env: str | None, file: str | None, what: str) -> str | None:
+def secret(env: str | None, file: str | None, what: str) -> str | None:
+    """A secret from a file (its first line; a file wins) or an environment variable; None when neither is set."""
     if file:
         path = Path(file).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"the {what} token file {path} does not exist")
+            raise FileNotFoundError(f"the {what} file {path} does not exist")
         lines = path.read_text().splitlines()
         value = lines[0].strip() if lines else ""
         if not value:
-            raise ValueError(f"the {what} token file {path} is empty")
+            raise ValueError(f"the {what} file {path} is empty")
         return value
     value = os.environ.get(env, "").strip() if env else ""
     return value or None
@@ -42,8 +43,8 @@ def _token(env: str | None, file: str | None, what: str) -> str | None:
 
 def load_tokens(auth: dict | None) -> Tokens:
     auth = auth or {}
-    return Tokens(write=_token(auth.get("write_token_env"), auth.get("write_token_file"), "write"),
-                  read=_token(auth.get("read_token_env"), auth.get("read_token_file"), "read"))
+    return Tokens(write=secret(auth.get("write_token_env"), auth.get("write_token_file"), "write token"),
+                  read=secret(auth.get("read_token_env"), auth.get("read_token_file"), "read token"))
 
 
 def _same(given: str, expected: str) -> bool:
